@@ -1,0 +1,16 @@
+"""bonsai-mlx: Bonsai-LLaVA (SigLIP + projector + Qwen2.5) in MLX.
+
+Importing the package does not import mlx: submodules that need it import it themselves, so framework-free parts
+(prompting, data formats) can be used by the PyTorch teacher tool.
+"""
+
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy re-exports in the style of mlx_lm (`from bonsai_mlx import load_model`).
+    if name in ("load_model", "save_model", "LlavaModel", "ModelConfig"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'bonsai_mlx' has no attribute {name!r}")
