@@ -82,7 +82,7 @@ def lm_forward(
         cache = [None] * len(layers)
     mask = create_attention_mask(h, cache[0])
     hidden_states = [h] if output_hidden_states else None
-    for layer, c in zip(layers, cache):
+    for layer, c in zip(layers, cache, strict=True):
         h = layer(h, mask, c)
         if output_hidden_states:
             hidden_states.append(h)

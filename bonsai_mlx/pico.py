@@ -29,8 +29,9 @@ DEFAULT_CORPUS = [
 ]
 
 
-def train_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int = 400):
-    """A byte-level BPE tokenizer in Qwen2's format with its special tokens, `<image>` and our chat template.
+def train_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int = 400, image_token: bool = True):
+    """A byte-level BPE tokenizer in Qwen2's format with its special tokens, `<image>` and our chat template
+    (`image_token=False`: as the Qwen2.5 release ships it, without `<image>`).
 
     Returns a transformers `PreTrainedTokenizerFast` (eos `<|im_end|>`, pad `<|endoftext|>`, no BOS, as Qwen2.5-Instruct).
     """
@@ -60,7 +61,8 @@ def train_tokenizer(corpus: Optional[Iterable[str]] = None, vocab_size: int = 40
         additional_special_tokens=["<|im_start|>", "<|im_end|>"],
         clean_up_tokenization_spaces=False,
     )
-    add_image_token(fast)
+    if image_token:
+        add_image_token(fast)
     fast.chat_template = CHAT_TEMPLATE
     return fast
 

@@ -56,7 +56,7 @@ def _sixteen_to_eight(img: Image.Image) -> Image.Image:
         arr = arr.astype(np.float64) / 65535.0 * 255.0
     elif img.mode == "F" and arr.max(initial=0) <= 1.0:
         arr = arr.astype(np.float64) * 255.0
-    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+    return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))  # 2-D uint8 → "L"
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

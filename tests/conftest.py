@@ -1,0 +1,98 @@
+"""Tiny random checkpoints built with transformers in the published layouts, tokenizers trained on the fly.
+
+Nothing here touches the network: every model is random and small, every tokenizer is trained from a few sentences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+torch = pytest.importorskip("torch")  # the parity tests need the PyTorch reference (the `dev` extra)
+
+
+def siglip_vision_kwargs(**over):
+    kw = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+              patch_size=8, num_channels=3, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh")
+    kw.update(over)
+    return kw
+
+
+def qwen2_kwargs(vocab_size, **over):
+    # rope_theta 1e4 on purpose: mlx-lm's Qwen2 default is 1e6, so a config reader that misses
+    # transformers-5's `rope_parameters` gives wrong logits and the parity tests fail.
+    kw = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+              vocab_size=vocab_size, max_position_embeddings=512, rms_norm_eps=1e-6, tie_word_embeddings=True,
+              rope_theta=10000.0)
+    kw.update(over)
+    return kw
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from bonsai_mlx.pico import train_tokenizer
+
+    return train_tokenizer()
+
+
+def _vocab_rows(tokenizer):
+    return -(-len(tokenizer) // 64) * 64
+
+
+def to_published_layout(model_dir: Path) -> None:
+    """Rewrite a transformers-5 llava save (`vision_tower.*`) in the published llava-hf layout
+    (`vision_tower.vision_model.*`), as `llava-hf/llava-interleave-qwen-0.5b-hf` ships it."""
+    from safetensors.numpy import load_file, save_file
+
+    f = model_dir / "model.safetensors"
+    w = load_file(str(f))
+    out = {}
+    for k, v in w.items():
+        if k.startswith("vision_tower.") and not k.startswith("vision_tower.vision_model."):
+            k = "vision_tower.vision_model." + k[len("vision_tower."):]
+        out[k] = np.ascontiguousarray(v)
+    save_file(out, str(f), metadata={"format": "pt"})
+
+
+def build_llava(out: Path, tokenizer, vision_feature_layer=-1, layout="published", seed=0, tie=True, **text_over):
+    """A tiny random SigLIP + Qwen2 `LlavaForConditionalGeneration`, saved with the tokenizer; returns (dir, hf model)."""
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+
+    torch.manual_seed(seed)
+    v = SiglipVisionConfig(**siglip_vision_kwargs(vision_use_head=False))
+    t = Qwen2Config(**qwen2_kwargs(_vocab_rows(tokenizer), tie_word_embeddings=tie, **text_over))
+    cfg = LlavaConfig(
+        vision_config=v, text_config=t, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="full",
+        projector_hidden_act="gelu", image_seq_length=(32 // 8) ** 2, tie_word_embeddings=tie,
+    )
+    model = LlavaForConditionalGeneration(cfg).eval()
+    # random init leaves LayerNorm/RMSNorm at exactly 1/0: perturb every parameter so parity covers them too
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    if layout == "published":
+        to_published_layout(out)
+    return out, model
+
+
+def image_token_id(tokenizer):
+    return tokenizer.convert_tokens_to_ids("<image>")
+
+
+@pytest.fixture()
+def rng():
+    return np.random.default_rng(0)
+
+
+def read_json(p: Path):
+    return json.loads(Path(p).read_text())
