@@ -13,4 +13,8 @@ def __getattr__(name):
         from . import model
 
         return getattr(model, name)
+    if name in ("load", "generate", "stream_generate"):
+        from . import generate as _generate
+
+        return getattr(_generate, name)
     raise AttributeError(f"module 'bonsai_mlx' has no attribute {name!r}")

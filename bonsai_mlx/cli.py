@@ -106,6 +106,135 @@ def forward(model, image, prompt, quantize):
     click.echo("next-token top-5: " + ", ".join(f"{tok.decode([int(i)])!r} {probs[i]:.3f}" for i in top))
 
 
+def _validate_sampling(max_tokens, temp, top_p, top_k):
+    from .generate import _check_sampling
+
+    _check_sampling(max_tokens, temp, top_p, top_k)
+
+
+@cli.command()
+@click.option("--model", required=True, metavar="ID_OR_DIR", help="Student directory or hub id (llava-style).")
+@click.option("--image", metavar="FILE|URL|DIR", default=None,
+              help="Image file or http(s) URL; a directory answers the prompt for every image in it (JSON lines).")
+@click.option("--prompt", required=True, help="The question or instruction.")
+@click.option("--system", default=None, help="System prompt (default: the chat template's).")
+@click.option("--max-tokens", default=256, show_default=True, type=int, help="Most new tokens to generate.")
+@click.option("--temp", default=0.0, show_default=True, type=float, help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="Nucleus sampling mass in (0, 1].")
+@click.option("--top-k", default=0, show_default=True, type=int, help="Sample from the k most likely tokens; 0: off.")
+@click.option("--seed", default=None, type=int, help="Random seed for sampling.")
+@click.option("--quantize", type=click.Choice(["4", "8"]), default=None, help="Quantize the language model on load.")
+@click.option("--adapter", default=None, type=click.Path(), metavar="DIR",
+              help="Training checkpoint to apply (LoRA adapters + projector).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (ids, text, stats) instead of streaming.")
+def generate(model, image, prompt, system, max_tokens, temp, top_p, top_k, seed, quantize, adapter, as_json):
+    """Answer a prompt about an image, streaming tokens to stdout (stats go to stderr).
+
+    \b
+    Examples:
+      bonsai-mlx generate --model bonsai --image cat.jpg --prompt "What is the cat doing?"
+      bonsai-mlx generate --model bonsai --image photos/ --prompt "Describe the picture." > answers.jsonl
+    """
+    import json
+    from pathlib import Path
+
+    from .generate import generate as run_generate
+    from .generate import list_images, load, stream_generate
+
+    if not prompt.strip():
+        raise BonsaiError("--prompt is empty")
+    _validate_sampling(max_tokens, temp, top_p, top_k)
+    folder = None
+    if image is not None and not image.startswith(("http://", "https://")):
+        p = Path(image)
+        if p.is_dir():
+            folder = list_images(p)
+            if not folder:
+                raise BonsaiError(f"--image {image}: the directory holds no images ({', '.join(sorted(_exts()))})")
+        elif not p.exists():
+            raise BonsaiError(f"--image {image}: no such file")
+    m, processor = load(model, quantize=int(quantize) if quantize else None, adapter=adapter)
+    kw = dict(system=system, max_tokens=max_tokens, temp=temp, top_p=top_p, top_k=top_k, seed=seed)
+
+    if folder is not None:
+        failed = 0
+        for img in folder:
+            try:
+                r = run_generate(m, processor, prompt, image=str(img), **kw)
+                line = {"image": str(img), **_result_json(r)}
+            except BonsaiError as e:
+                failed += 1
+                line = {"image": str(img), "error": str(e)}
+            click.echo(json.dumps(line, ensure_ascii=False))
+        click.echo(f"{len(folder)} images, {failed} failed", err=True)
+        return
+
+    if as_json:
+        r = run_generate(m, processor, prompt, image=image, **kw)
+        click.echo(json.dumps({"image": image, **_result_json(r)}, ensure_ascii=False))
+        return
+    result = None
+    for segment, item in stream_generate(m, processor, prompt, image=image, **kw):
+        if segment is None:
+            result = item
+        else:
+            click.echo(segment, nl=False)
+            sys.stdout.flush()
+    click.echo()
+    click.echo(
+        f"ttft {result.ttft_s:.3f}s | vision {result.vision_s:.3f}s | prefill {result.prefill_tps:.1f} tok/s "
+        f"({result.prompt_tokens} tokens) | decode {result.decode_tps:.1f} tok/s ({len(result.token_ids)} tokens) | "
+        f"peak memory {result.peak_memory_gb:.2f} GB",
+        err=True,
+    )
+
+
+def _exts():
+    from .generate import IMAGE_EXTENSIONS
+
+    return IMAGE_EXTENSIONS
+
+
+def _result_json(r) -> dict:
+    return {
+        "prompt_tokens": r.prompt_tokens,
+        "token_ids": r.token_ids,
+        "text": r.text,
+        "ttft_s": round(r.ttft_s, 4),
+        "vision_s": round(r.vision_s, 4),
+        "prefill_tps": round(r.prefill_tps, 2),
+        "decode_tps": round(r.decode_tps, 2),
+        "peak_memory_gb": round(r.peak_memory_gb, 4),
+        "finish_reason": r.finish_reason,
+    }
+
+
+@cli.command()
+@click.option("--model", required=True, metavar="ID_OR_DIR", help="Student directory or hub id (llava-style).")
+@click.option("--adapter", default=None, type=click.Path(), metavar="DIR", help="Also count a checkpoint's LoRA.")
+@click.option("--json", "as_json", is_flag=True, help="Print the numbers as one JSON object.")
+def info(model, adapter, as_json):
+    """Parameters per component, bytes on disk and in memory at each precision, image tokens, context length."""
+    import json
+
+    from .info import model_info
+
+    d = model_info(model, adapter=adapter)
+    if as_json:
+        click.echo(json.dumps(d, indent=2))
+        return
+    click.echo(f"model: {d['path']}")
+    click.echo(f"image tokens per image: {d['image_tokens']} ({d['image_size']}px, patch {d['patch_size']}); "
+               f"context length: {d['context_length']}; vocab rows: {d['vocab_rows']}")
+    click.echo("parameters:")
+    for k, v in d["parameters"].items():
+        click.echo(f"  {k:<10} {v:>14,d}  ({v / 1e6:.1f} M)")
+    click.echo(f"on disk: {d['disk_bytes'] / 1e9:.3f} GB ({d['disk_dtype']})")
+    click.echo("in memory (language model at the precision, vision tower + projector in bfloat16 when quantized):")
+    for k, v in d["memory_bytes"].items():
+        click.echo(f"  {k:<9} {v / 1e9:.3f} GB")
+
+
 def main():
     try:
         cli(standalone_mode=False)

@@ -106,28 +106,32 @@ class LlavaModel(nn.Module):
         return self.multi_modal_projector(feats)
 
     # --- merge ----------------------------------------------------------------------------------------------------
-    def get_input_embeddings(self, input_ids: mx.array, pixel_values: Optional[mx.array] = None) -> mx.array:
+    def get_input_embeddings(
+        self, input_ids: mx.array, pixel_values: Optional[mx.array] = None, image_features: Optional[mx.array] = None
+    ) -> mx.array:
         """Token embeddings with image features scattered into the `<image>` positions.
 
         input_ids [B, T]; pixel_values [N, H, W, C] for the N images of the batch in row-major order of their
-        placeholder runs (any number of runs per row, any number of images per batch). Returns [B, T, D].
+        placeholder runs (any number of runs per row, any number of images per batch), or their already projected
+        `image_features` [N, P, D]. Returns [B, T, D].
         """
         embed = self.language_model.model.embed_tokens
         image_mask = input_ids == self.config.image_token_index  # [B, T]
         # The image id may lie beyond the embedding rows (e.g. LLaVA-1.5's 32000): look up a valid id instead.
         embeds = embed(mx.where(image_mask, 0, input_ids))  # [B, T, D]
         n_tokens = int(image_mask.sum().item())
-        if pixel_values is None:
+        if pixel_values is None and image_features is None:
             if n_tokens:
                 raise ValueError(f"input has {n_tokens} image tokens but no pixel_values were given")
             return embeds
-        feats = self.get_image_features(pixel_values)  # [N, P, D]
+        feats = self.get_image_features(pixel_values) if image_features is None else image_features  # [N, P, D]
+        n_images = feats.shape[0]
         D = feats.shape[-1]
         feats = feats.reshape(-1, D).astype(embeds.dtype)  # [N*P, D]
         if n_tokens != feats.shape[0]:
             raise ValueError(
                 f"Image features and image tokens do not match: tokens {n_tokens}, features {feats.shape[0]} "
-                f"({pixel_values.shape[0]} images x {feats.shape[0] // max(pixel_values.shape[0], 1)} tokens)"
+                f"({n_images} images x {feats.shape[0] // max(n_images, 1)} tokens)"
             )
         B, T = input_ids.shape
         flat_mask = image_mask.reshape(-1)  # [B*T]

@@ -61,7 +61,8 @@ def to_published_layout(model_dir: Path) -> None:
     save_file(out, str(f), metadata={"format": "pt"})
 
 
-def build_llava(out: Path, tokenizer, vision_feature_layer=-1, layout="published", seed=0, tie=True, **text_over):
+def build_llava(out: Path, tokenizer, vision_feature_layer=-1, layout="published", seed=0, tie=True, noise=0.02,
+                **text_over):
     """A tiny random SigLIP + Qwen2 `LlavaForConditionalGeneration`, saved with the tokenizer; returns (dir, hf model)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
@@ -77,7 +78,7 @@ def build_llava(out: Path, tokenizer, vision_feature_layer=-1, layout="published
     # random init leaves LayerNorm/RMSNorm at exactly 1/0: perturb every parameter so parity covers them too
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
+            p.add_(torch.randn_like(p) * noise)
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     if layout == "published":

@@ -1,0 +1,206 @@
+"""Image + prompt → streamed answer, on top of mlx-lm's generation loop.
+
+The student builds the prompt's input embeddings (vision tower → projector → scatter into the `<image>` positions);
+everything after that is mlx-lm: `stream_generate` with `input_embeddings`, its KV cache, samplers and streaming
+detokenizer. mlx-lm's prefill only evaluates the KV cache for all but the last prompt token, so full-prompt logits
+(151936 floats per token for Qwen) are never computed: only the last position's.
+
+API in the style of mlx-lm:
+
+    model, processor = bonsai_mlx.load("bonsai")
+    text = bonsai_mlx.generate(model, processor, "What is in the picture?", image="photo.jpg")
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator, List, Optional, Union
+
+import mlx.core as mx
+from mlx_lm.generate import stream_generate as lm_stream_generate
+from mlx_lm.sample_utils import make_sampler
+
+from .hub import BonsaiError, resolve
+from .model import LlavaModel, load_model
+from .processing import ImageProcessor
+from .prompting import build_generation_prompt
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+@dataclass
+class Processor:
+    """Tokenizer (mlx-lm's TokenizerWrapper around the transformers tokenizer) + image preprocessing + the
+    model's image-token count: everything needed to turn (prompt, image) into model inputs."""
+
+    tokenizer: object  # mlx_lm.tokenizer_utils.TokenizerWrapper
+    image_processor: ImageProcessor
+    image_seq_length: int
+    context_length: int
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], model: LlavaModel) -> "Processor":
+        from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+        path = Path(path)
+        eos = set()
+        gen_cfg = path / "generation_config.json"
+        if gen_cfg.exists():
+            e = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            eos.update(e if isinstance(e, list) else [e] if e is not None else [])
+        try:
+            tok = load_tokenizer(path, eos_token_ids=sorted(eos) or None)
+        except (OSError, ValueError) as e:
+            raise BonsaiError(f"cannot load the tokenizer in {path}: {e}") from None
+        for t in ("<|im_end|>",):  # Qwen chat turns end here even when the config only names <|endoftext|>
+            tid = tok._tokenizer.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid != tok._tokenizer.unk_token_id:
+                tok.add_eos_token(tid)
+        cfg = model.config
+        return cls(
+            tokenizer=tok,
+            image_processor=ImageProcessor.from_pretrained(path, default_size=cfg.vision_config.image_size),
+            image_seq_length=cfg.image_seq_length,
+            context_length=int(cfg.text_config.get("max_position_embeddings") or 32768),
+        )
+
+    def prompt_ids(self, prompt: str, with_image: bool, system: Optional[str] = None) -> List[int]:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BonsaiError("the prompt is empty")
+        return build_generation_prompt(self.tokenizer._tokenizer, prompt, self.image_seq_length, with_image, system)
+
+
+def load(
+    path_or_repo: Union[str, Path], quantize: Optional[int] = None, adapter: Optional[Union[str, Path]] = None
+):
+    """Load a student and its processor. `adapter`: a training checkpoint directory (LoRA adapters + projector)."""
+    path = resolve(str(path_or_repo))
+    model = load_model(path, quantize=quantize)
+    if adapter is not None:
+        from .adapters import apply_adapter
+
+        apply_adapter(model, adapter)
+    return model, Processor.from_pretrained(path, model)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: List[int]
+    prompt_tokens: int
+    ttft_s: float
+    vision_s: float
+    prefill_tps: float
+    decode_tps: float
+    peak_memory_gb: float
+    finish_reason: Optional[str] = None
+    logprobs: List[mx.array] = field(default_factory=list, repr=False)
+
+    def stats(self) -> dict:
+        d = asdict(self)
+        for k in ("logprobs",):
+            d.pop(k)
+        return d
+
+
+def _check_sampling(max_tokens: int, temp: float, top_p: float, top_k: int) -> None:
+    if max_tokens < 1:
+        raise BonsaiError(f"--max-tokens must be at least 1, got {max_tokens}")
+    if temp < 0:
+        raise BonsaiError(f"--temp must be >= 0, got {temp}")
+    if not 0 < top_p <= 1:
+        raise BonsaiError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise BonsaiError(f"--top-k must be >= 0 (0 disables it), got {top_k}")
+
+
+def prepare_inputs(model: LlavaModel, processor: Processor, prompt: str, image=None, system: Optional[str] = None):
+    """(prompt ids [T], input embeddings [T, D], vision seconds)."""
+    ids = processor.prompt_ids(prompt, with_image=image is not None, system=system)
+    if len(ids) >= processor.context_length:
+        raise BonsaiError(
+            f"the prompt is {len(ids)} tokens, the model's context is {processor.context_length}; shorten the prompt"
+        )
+    t0 = time.perf_counter()
+    feats = None
+    if image is not None:
+        pixels = mx.array(processor.image_processor([image]))  # [1, H, W, 3]
+        feats = model.get_image_features(pixels)  # [1, P, D]
+        mx.eval(feats)
+    vision_s = time.perf_counter() - t0
+    ids_arr = mx.array(ids)
+    embeds = model.get_input_embeddings(ids_arr[None], image_features=feats)[0]  # [T, D]
+    return ids_arr, embeds, vision_s
+
+
+def stream_generate(
+    model: LlavaModel,
+    processor: Processor,
+    prompt: str,
+    image=None,
+    system: Optional[str] = None,
+    max_tokens: int = 256,
+    temp: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: Optional[int] = None,
+) -> Iterator[tuple]:
+    """Yield (text segment, mlx-lm GenerationResponse) as tokens come; the last item is (None, GenerationResult)."""
+    _check_sampling(max_tokens, temp, top_p, top_k)
+    if seed is not None:
+        mx.random.seed(seed)
+    mx.reset_peak_memory()
+    t_start = time.perf_counter()
+    ids, embeds, vision_s = prepare_inputs(model, processor, prompt, image, system)
+    mx.eval(embeds)
+    setup_s = time.perf_counter() - t_start
+    max_tokens = min(max_tokens, processor.context_length - len(ids))
+    sampler = make_sampler(temp=temp, top_p=top_p if top_p < 1 else 0.0, top_k=top_k)
+    tokens, logprobs, text = [], [], []
+    last = None
+    ttft = None
+    for resp in lm_stream_generate(
+        model.language_model, processor.tokenizer, ids, max_tokens=max_tokens, sampler=sampler, input_embeddings=embeds
+    ):
+        if ttft is None:
+            ttft = time.perf_counter() - t_start
+        last = resp
+        if resp.finish_reason != "stop":  # the final "stop" response carries the EOS token, not part of the answer
+            tokens.append(int(resp.token))
+            logprobs.append(resp.logprobs)
+        text.append(resp.text)
+        yield resp.text, resp
+    prefill_s = (ttft or 0.0) - setup_s
+    result = GenerationResult(
+        text="".join(text),
+        token_ids=tokens,
+        prompt_tokens=len(ids),
+        ttft_s=ttft or 0.0,
+        vision_s=vision_s,
+        prefill_tps=len(ids) / prefill_s if prefill_s > 0 else float("nan"),
+        decode_tps=last.generation_tps if last is not None else float("nan"),
+        peak_memory_gb=mx.get_peak_memory() / 1e9,
+        finish_reason=last.finish_reason if last is not None else None,
+        logprobs=logprobs,
+    )
+    yield None, result
+
+
+def generate(model: LlavaModel, processor: Processor, prompt: str, image=None, verbose: bool = False, **kwargs):
+    """Generate a full answer; returns a GenerationResult (`.text`, `.token_ids`, timing stats)."""
+    result = None
+    for segment, item in stream_generate(model, processor, prompt, image=image, **kwargs):
+        if segment is None:
+            result = item
+        elif verbose:
+            print(segment, end="", flush=True)
+    if verbose:
+        print()
+    return result
+
+
+def list_images(folder: Path) -> List[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)

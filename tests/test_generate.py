@@ -1,0 +1,181 @@
+"""Generation: greedy parity with transformers, KV cache vs recomputation, adapters, bad input, info."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+from conftest import build_llava
+from PIL import Image, ImageDraw
+
+from bonsai_mlx.adapters import add_lora, apply_adapter, lora_config, save_adapter
+from bonsai_mlx.generate import generate, load
+from bonsai_mlx.hub import BonsaiError
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory, tokenizer):
+    d, hf = build_llava(tmp_path_factory.mktemp("gen") / "m", tokenizer, seed=3, noise=0.3)
+    # weights perturbed well away from the init: greedy tokens vary with the image and the prompt
+    return d, hf
+
+
+def _pictures(tmp_path):
+    a = Image.new("RGB", (64, 48), "white")
+    ImageDraw.Draw(a).ellipse([8, 8, 40, 40], fill="blue")
+    b = Image.new("RGB", (50, 50), "black")
+    ImageDraw.Draw(b).rectangle([20, 5, 45, 30], fill="yellow")
+    pa, pb = tmp_path / "a.png", tmp_path / "b.png"
+    a.save(pa)
+    b.save(pb)
+    return pa, pb
+
+
+def test_greedy_tokens_equal_transformers_generate(student, tmp_path):
+    d, hf = student
+    model, processor = load(d)
+    eos = sorted(processor.tokenizer.eos_token_ids)
+    for img, prompt in zip(_pictures(tmp_path), ["What colour is the circle?", "Describe it."], strict=True):
+        res = generate(model, processor, prompt, image=str(img), max_tokens=20)
+        ids = processor.prompt_ids(prompt, with_image=True)
+        pix = processor.image_processor([str(img)], channels_first=True)
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              pixel_values=torch.from_numpy(pix), do_sample=False, max_new_tokens=20,
+                              eos_token_id=eos, pad_token_id=eos[0])
+        ref = [t for t in out[0, len(ids):].tolist() if t not in eos]
+        assert res.token_ids == ref
+        assert len(res.token_ids) == 20 or res.finish_reason == "stop"
+
+
+def test_kv_cached_decoding_equals_full_recomputation(student, tmp_path):
+    d, _ = student
+    model, processor = load(d)
+    img = str(_pictures(tmp_path)[0])
+    res = generate(model, processor, "What is here?", image=img, max_tokens=12)
+    ids = processor.prompt_ids("What is here?", with_image=True)
+    pixels = mx.array(processor.image_processor([img]))
+    seq = list(ids)
+    for step, tok in enumerate(res.token_ids):
+        full = model(mx.array([seq]), pixels)[0, -1].astype(mx.float32)
+        ref = full - mx.logsumexp(full)
+        assert np.abs(np.array(res.logprobs[step]) - np.array(ref)).max() <= 1e-4, step
+        seq.append(tok)
+
+
+def test_temperature_sampling_is_seeded(student):
+    d, _ = student
+    model, processor = load(d)
+    a = generate(model, processor, "Say something.", max_tokens=10, temp=1.5, top_k=50, seed=7)
+    b = generate(model, processor, "Say something.", max_tokens=10, temp=1.5, top_k=50, seed=7)
+    assert a.token_ids == b.token_ids
+
+
+def test_adapter_round_trip(student, tmp_path):
+    d, _ = student
+    model, processor = load(d)
+    cfg = lora_config(rank=4, alpha=8)
+    add_lora(model, cfg)
+    # non-zero B (fresh LoRA is an identity) and a changed projector, so the adapter matters
+    rng = np.random.default_rng(0)
+    for layer in model.language_model.model.layers:
+        layer.self_attn.q_proj.lora_b = mx.array(rng.standard_normal(layer.self_attn.q_proj.lora_b.shape) * 0.5,
+                                                 dtype=mx.float32)
+        layer.mlp.down_proj.lora_b = mx.array(rng.standard_normal(layer.mlp.down_proj.lora_b.shape) * 0.5,
+                                              dtype=mx.float32)
+    model.multi_modal_projector.linear_2.bias = mx.ones_like(model.multi_modal_projector.linear_2.bias)
+    model.eval()  # LoRA dropout off
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_adapter(model, ckpt, cfg)
+    assert json.loads((ckpt / "adapter_config.json").read_text())["lora_parameters"]["scale"] == 2.0
+
+    ids = mx.array([processor.prompt_ids("hi", with_image=True)])
+    pix = mx.array(np.random.default_rng(1).standard_normal((1, 32, 32, 3)).astype(np.float32))
+    want = np.array(model(ids, pix))
+    base, _ = load(d)
+    assert np.abs(np.array(base(ids, pix)) - want).max() > 1e-3  # the adapter changes the output
+    adapted, _ = load(d, adapter=ckpt)
+    assert np.abs(np.array(adapted(ids, pix)) - want).max() <= 1e-5
+
+    with pytest.raises(BonsaiError, match="no such directory"):
+        apply_adapter(base, tmp_path / "nope")
+
+
+def _cli(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "bonsai_mlx.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_cli_generate_json_and_folder_mode(student, tmp_path):
+    d, _ = student
+    pa, pb = _pictures(tmp_path)
+    r = _cli("generate", "--model", str(d), "--image", str(pa), "--prompt", "What colour?", "--max-tokens", "5",
+             "--json")
+    assert r.returncode == 0, r.stderr
+    obj = json.loads(r.stdout)
+    for k in ("image", "prompt_tokens", "token_ids", "text", "ttft_s", "vision_s", "prefill_tps", "decode_tps",
+              "peak_memory_gb"):
+        assert k in obj
+    model, processor = load(d)
+    assert obj["token_ids"] == generate(model, processor, "What colour?", image=str(pa), max_tokens=5).token_ids
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for p in (pa, pb):
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    r = _cli("generate", "--model", str(d), "--image", str(folder), "--prompt", "What colour?", "--max-tokens", "3")
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(x) for x in r.stdout.splitlines()]
+    assert [os.path.basename(x["image"]) for x in lines] == ["a.png", "b.png", "broken.jpg"]
+    assert "error" in lines[2] and "broken.jpg" in lines[2]["error"]
+    assert all("token_ids" in x for x in lines[:2])
+
+    # streaming mode prints the answer on stdout and the stats on stderr
+    r = _cli("generate", "--model", str(d), "--image", str(pa), "--prompt", "What colour?", "--max-tokens", "4")
+    assert r.returncode == 0 and "decode" in r.stderr and "ttft" in r.stderr
+
+
+def test_cli_bad_input_one_line_errors(student, tmp_path):
+    d, _ = student
+    good = _pictures(tmp_path)[0]
+    (tmp_path / "text.png").write_text("hello")
+    buf = good.read_bytes()
+    img = Image.open(good).convert("RGB")
+    img.save(tmp_path / "full.jpg", quality=95)
+    data = (tmp_path / "full.jpg").read_bytes()
+    (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
+    assert buf
+    cases = [
+        (["--image", str(tmp_path / "missing.png"), "--prompt", "hi"], "missing.png"),
+        (["--image", str(tmp_path / "text.png"), "--prompt", "hi"], "text.png"),
+        (["--image", str(tmp_path / "cut.jpg"), "--prompt", "hi"], "cut.jpg"),
+        (["--image", str(good), "--prompt", "   "], "empty"),
+        (["--prompt", "word " * 3000], "context"),
+        (["--image", str(good), "--prompt", "hi", "--top-p", "2"], "--top-p"),
+    ]
+    for args, needle in cases:
+        r = _cli("generate", "--model", str(d), *args)
+        lines = [x for x in r.stderr.splitlines() if x.strip()]
+        assert r.returncode != 0, args
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.stderr, (args, r.stderr)
+
+
+def test_info_counts_match_transformers(student):
+    d, hf = student
+    r = _cli("info", "--model", str(d), "--json")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    n = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    assert info["parameters"]["vision"] == n(hf.model.vision_tower)
+    assert info["parameters"]["projector"] == n(hf.model.multi_modal_projector)
+    assert info["parameters"]["language"] == n(hf.model.language_model)  # tied head: counted once
+    mem = info["memory_bytes"]
+    assert mem["float32"] > mem["bfloat16"] > mem["8-bit"] > mem["4-bit"]
+    assert info["image_tokens"] == 16 and info["context_length"] == 512
