@@ -50,9 +50,9 @@ def main():
     def baseline():
         mx.reset_peak_memory()
         last = None
-        for last in lm_stream_generate(model.language_model, processor.tokenizer, text_ids, max_tokens=args.tokens,
+        for resp in lm_stream_generate(model.language_model, processor.tokenizer, text_ids, max_tokens=args.tokens,
                                        sampler=make_sampler(0.0)):
-            pass
+            last = resp
         assert last.generation_tokens == args.tokens
         return last.generation_tps, None, mx.get_peak_memory() / 1e9
 
