@@ -89,3 +89,20 @@ def apply_adapter(model: LlavaModel, adapter_dir: Union[str, Path], projector: O
     mx.eval(model.parameters())
     model.eval()  # new LoRA layers start in training mode (dropout on); inference wants it off
     return model
+
+
+def fuse_lora(model: LlavaModel, dequantize: bool = False) -> LlavaModel:
+    """Replace every mlx-lm LoRA layer of the LM by its fused linear (mlx-lm's `fuse`), optionally dequantized."""
+    from mlx.utils import tree_unflatten
+
+    lm = model.language_model
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in lm.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        lm.update_modules(tree_unflatten(fused))
+    if dequantize:
+        from mlx_lm.utils import dequantize_model
+
+        dequantize_model(lm)
+        model.config.quantization = None
+    mx.eval(model.parameters())
+    return model

@@ -235,6 +235,110 @@ def info(model, adapter, as_json):
         click.echo(f"  {k:<9} {v / 1e9:.3f} GB")
 
 
+@cli.command()
+@click.option("--phase", type=click.Choice(["sft"]), default=None, help="Training phase: sft (cross-entropy on answers).")
+@click.option("--model", metavar="DIR_OR_ID", default=None, help="Student to train (from `bonsai-mlx init`).")
+@click.option("--data", metavar="JSON", default=None, help="LLaVA-Instruct JSON (list of records) or JSONL.")
+@click.option("--image-root", metavar="DIR", default=None, help="Folder the records' `image` paths are relative to.")
+@click.option("--out", metavar="RUN_DIR", default=None, help="Run directory: checkpoint/, metrics.jsonl, config.json.")
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
+              help="YAML file with any of these options (keys like batch_size or batch-size); flags override it.")
+@click.option("--max-steps", type=int, default=None, help="Optimizer steps to train (default: one epoch).")
+@click.option("--epochs", type=float, default=None, help="Epochs to train instead of --max-steps.")
+@click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch [4].")
+@click.option("--grad-accum", type=int, default=None, help="Micro-batches per optimizer step [1].")
+@click.option("--lr", type=float, default=None, help="Peak learning rate of the LoRA adapters [2e-4].")
+@click.option("--lr-projector", type=float, default=None, help="Peak learning rate of the projector [2e-5].")
+@click.option("--warmup", type=float, default=None, help="Warmup as a ratio of the total steps [0.03].")
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay [0].")
+@click.option("--lora-rank", type=int, default=None, help="LoRA rank r [16].")
+@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha; the update is scaled by alpha/r [32].")
+@click.option("--lora-dropout", type=float, default=None, help="LoRA dropout [0.05].")
+@click.option("--quantize", type=click.Choice(["4", "8", "none"]), default=None,
+              help="Precision of the frozen base LM [4] (QLoRA); none keeps it in --dtype.")
+@click.option("--max-seq-len", type=int, default=None, help="Truncate sequences to this many tokens [2048].")
+@click.option("--eval-data", metavar="JSON", default=None, help="Held-out JSON for the eval loss.")
+@click.option("--eval-every", type=int, default=None, help="Evaluate every N steps (and at the end).")
+@click.option("--save-every", type=int, default=None, help="Checkpoint every N steps (always at the end).")
+@click.option("--resume", is_flag=True, help="Continue from RUN_DIR/checkpoint (exactly: same losses as unbroken).")
+@click.option("--seed", type=int, default=None, help="Seed for data order, LoRA init and dropout [0].")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default=None,
+              help="Compute dtype of the non-quantized weights [float32; bfloat16 suits Apple GPUs].")
+@click.option("--strict/--no-strict", default=None, help="Stop at the first bad record instead of skipping it.")
+@click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute LM blocks in backward.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="mx.compile the training step [on].")
+def train(config_file, resume, compile_, **opts):
+    """Train the student: QLoRA SFT on LLaVA-Instruct-format data.
+
+    \b
+    Example:
+      bonsai-mlx train --phase sft --model bonsai --data llava_instruct_150k.json \\
+          --image-root coco/train2017 --out runs/sft --max-steps 2000 --batch-size 4 --grad-accum 4
+
+    Bad records are skipped and counted (reported at the start and the end); progress shows loss, supervised
+    tokens/s, learning rate and ETA; RUN_DIR/metrics.jsonl logs every step (`bonsai-mlx plot RUN_DIR` draws it).
+    """
+    from pathlib import Path
+
+    import yaml
+
+    from .trainer import TrainConfig, Trainer
+
+    merged = {}
+    if resume and opts.get("out") and (Path(opts["out"]) / "checkpoint" / "config.json").exists():
+        import json
+
+        merged.update(json.loads((Path(opts["out"]) / "checkpoint" / "config.json").read_text()))
+    if config_file:
+        try:
+            y = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise BonsaiError(f"--config {config_file}: {str(e).splitlines()[0]}") from None
+        if not isinstance(y, dict):
+            raise BonsaiError(f"--config {config_file}: expected a mapping of option: value")
+        merged.update({k.replace("-", "_"): v for k, v in y.items()})
+    if compile_ is not None:
+        opts["compile"] = compile_
+    merged.update({k: v for k, v in opts.items() if v is not None})
+    cfg = TrainConfig.from_dict(merged)
+    Trainer(cfg, resume=resume, log=lambda m: click.echo(m, err=True)).train()
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="PNG path [RUN_DIR/curves.png].")
+def plot(run_dir, out):
+    """Draw a run's metrics.jsonl (train and eval loss, learning rate, tokens/s) as a PNG."""
+    from .plotting import plot_metrics
+
+    path = plot_metrics(run_dir, out)
+    click.echo(f"wrote {path}")
+
+
+@cli.command()
+@click.option("--model", required=True, metavar="DIR_OR_ID", help="Base student the adapter was trained on.")
+@click.option("--adapter", required=True, type=click.Path(), metavar="DIR", help="Training checkpoint directory.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="New student directory.")
+@click.option("--dequantize", is_flag=True, help="Write a quantized base LM back in full precision.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def fuse(model, adapter, out, dequantize, force):
+    """Merge a checkpoint's LoRA adapters and projector into a new student directory."""
+    from pathlib import Path
+
+    from .adapters import fuse_lora
+    from .generate import load
+    from .hub import resolve
+    from .model import save_model
+
+    p = Path(out)
+    if p.exists() and any(p.iterdir()) and not force:
+        raise BonsaiError(f"--out {out} exists and is not empty; pass --force to replace it")
+    m, _ = load(model, adapter=adapter)
+    fuse_lora(m, dequantize=dequantize)
+    save_model(m, out, extra_files_from=resolve(model))
+    click.echo(f"wrote fused student to {out}")
+
+
 def main():
     try:
         cli(standalone_mode=False)

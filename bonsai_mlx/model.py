@@ -107,19 +107,26 @@ class LlavaModel(nn.Module):
 
     # --- merge ----------------------------------------------------------------------------------------------------
     def get_input_embeddings(
-        self, input_ids: mx.array, pixel_values: Optional[mx.array] = None, image_features: Optional[mx.array] = None
+        self,
+        input_ids: mx.array,
+        pixel_values: Optional[mx.array] = None,
+        image_features: Optional[mx.array] = None,
+        validate: bool = True,
     ) -> mx.array:
         """Token embeddings with image features scattered into the `<image>` positions.
 
         input_ids [B, T]; pixel_values [N, H, W, C] for the N images of the batch in row-major order of their
         placeholder runs (any number of runs per row, any number of images per batch), or their already projected
         `image_features` [N, P, D]. Returns [B, T, D].
+
+        `validate=False` skips the token/feature count check, which needs a host sync (not allowed under
+        `mx.compile`); the training data pipeline guarantees the counts instead.
         """
         embed = self.language_model.model.embed_tokens
         image_mask = input_ids == self.config.image_token_index  # [B, T]
         # The image id may lie beyond the embedding rows (e.g. LLaVA-1.5's 32000): look up a valid id instead.
         embeds = embed(mx.where(image_mask, 0, input_ids))  # [B, T, D]
-        n_tokens = int(image_mask.sum().item())
+        n_tokens = int(image_mask.sum().item()) if validate else None
         if pixel_values is None and image_features is None:
             if n_tokens:
                 raise ValueError(f"input has {n_tokens} image tokens but no pixel_values were given")
@@ -128,7 +135,7 @@ class LlavaModel(nn.Module):
         n_images = feats.shape[0]
         D = feats.shape[-1]
         feats = feats.reshape(-1, D).astype(embeds.dtype)  # [N*P, D]
-        if n_tokens != feats.shape[0]:
+        if validate and n_tokens != feats.shape[0]:
             raise ValueError(
                 f"Image features and image tokens do not match: tokens {n_tokens}, features {feats.shape[0]} "
                 f"({n_images} images x {feats.shape[0] // max(n_images, 1)} tokens)"

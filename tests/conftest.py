@@ -97,3 +97,37 @@ def rng():
 
 def read_json(p: Path):
     return json.loads(Path(p).read_text())
+
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 30)}
+SHAPES = ("square", "circle")
+
+
+def make_shapes_data(root: Path, n: int, size: int = 32, seed: int = 0, name: str = "train.json"):
+    """A small LLaVA-Instruct-format set: one coloured shape per image, a 2-question conversation about it."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        shape = SHAPES[rng.integers(len(SHAPES))]
+        img = Image.new("RGB", (size, size), "white")
+        d = ImageDraw.Draw(img)
+        box = [size // 4, size // 4, 3 * size // 4, 3 * size // 4]
+        (d.rectangle if shape == "square" else d.ellipse)(box, fill=COLOURS[colour])
+        img.save(root / "images" / f"{seed}_{i}.png")
+        records.append({
+            "id": f"{seed}-{i}",
+            "image": f"{seed}_{i}.png",
+            "conversations": [
+                {"from": "human", "value": "What colour is the shape?\n<image>"},
+                {"from": "gpt", "value": colour},
+                {"from": "human", "value": "Which shape is it?"},
+                {"from": "gpt", "value": shape},
+            ],
+        })
+    path = root / name
+    path.write_text(json.dumps(records))
+    return path

@@ -1,0 +1,339 @@
+"""QLoRA training of the student in MLX (phase `sft`).
+
+What trains: the projector (its own learning rate) and mlx-lm LoRA adapters on q,k,v,o,gate,up,down of every LM
+block; the vision tower and the (by default 4-bit) base LM are frozen. AdamW with linear warmup then cosine decay,
+gradient accumulation (loss = mean CE over the supervised tokens of the whole accumulated batch), an `mx.compile`d
+micro-step, optional gradient checkpointing (mlx-lm's).
+
+Defaults follow LLaVA-1.5's LoRA recipe (lr 2e-4, projector lr 2e-5, warmup ratio 0.03, no weight decay, r 16,
+alpha 32, dropout 0.05).
+
+A checkpoint (`RUN_DIR/checkpoint`, replaced atomically) holds everything needed to continue exactly: adapters and
+projector, optimizer state (moments, step, schedule), data order position, resolved config; the RNG is
+reseeded from (seed, step) at every step, so it needs no saved state.
+`metrics.jsonl` gets one JSON object per optimizer step (and eval records with "split": "eval").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from .adapters import DEFAULT_LORA_KEYS, add_lora, lora_config, save_adapter
+from .data import BatchIterator, SFTDataset, file_sha256, read_records
+from .hub import BonsaiError, resolve
+from .losses import masked_ce
+from .model import LlavaModel, atomic_dir, load_model
+from .processing import ImageProcessor
+
+_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+@dataclass
+class TrainConfig:
+    phase: str = "sft"
+    model: Optional[str] = None
+    data: Optional[str] = None
+    image_root: Optional[str] = None
+    out: Optional[str] = None
+    eval_data: Optional[str] = None
+    max_steps: Optional[int] = None
+    epochs: Optional[float] = None
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-4
+    lr_projector: float = 2e-5
+    warmup: float = 0.03
+    weight_decay: float = 0.0
+    lora_rank: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.05
+    lora_keys: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_KEYS))
+    quantize: str = "4"
+    max_seq_len: int = 2048
+    eval_every: Optional[int] = None
+    save_every: Optional[int] = None
+    seed: int = 0
+    dtype: str = "float32"
+    strict: bool = False
+    grad_checkpoint: bool = False
+    compile: bool = True
+    system: Optional[str] = None
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        clean = {k.replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(clean) - names)
+        if unknown:
+            raise BonsaiError(f"unknown training config keys {unknown}; known: {sorted(names)}")
+        return cls(**clean)
+
+    def validate(self) -> None:
+        for name in ("model", "data", "out"):
+            if not getattr(self, name):
+                raise BonsaiError(f"--{name} is required")
+        if self.max_steps is not None and self.epochs is not None:
+            raise BonsaiError("pass either --max-steps or --epochs, not both")
+        if str(self.quantize) not in ("4", "8", "none"):
+            raise BonsaiError(f"--quantize must be 4, 8 or none, got {self.quantize!r}")
+        if self.dtype not in _DTYPES:
+            raise BonsaiError(f"--dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        for name in ("batch_size", "grad_accum", "lora_rank", "max_seq_len"):
+            if int(getattr(self, name)) < 1:
+                raise BonsaiError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.warmup < 1:
+            raise BonsaiError(f"--warmup is a ratio of the total steps in [0, 1), got {self.warmup}")
+
+
+def step_seed(seed: int, step: int) -> int:
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def lr_schedule(peak: float, total_steps: int, warmup_ratio: float):
+    """Linear warmup from 0 to `peak` over warmup_ratio × total steps, then cosine decay to 0 (HF's
+    get_cosine_schedule_with_warmup, as LLaVA trains)."""
+    warmup = int(round(warmup_ratio * total_steps))
+    decay = optim.cosine_decay(peak, max(total_steps - warmup, 1), end=0.0)
+    if warmup == 0:
+        return decay
+    return optim.join_schedules([optim.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def prepare_student(cfg: TrainConfig) -> LlavaModel:
+    """Load the student, quantize + freeze the LM, add LoRA, make the projector trainable."""
+    quant = None if str(cfg.quantize) == "none" else int(cfg.quantize)
+    model = load_model(cfg.model)
+    model.set_dtype(_DTYPES[cfg.dtype])
+    if quant and not model.config.quantization:
+        from .model import quantize_language_model
+
+        quantize_language_model(model, bits=quant)
+    model.freeze()
+    add_lora(model, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_keys))
+    model.multi_modal_projector.unfreeze()
+    if cfg.grad_checkpoint:
+        from mlx_lm.tuner.trainer import grad_checkpoint
+
+        grad_checkpoint(model.language_model.layers[0])
+    mx.eval(model.parameters())
+    return model
+
+
+def _is_projector(path: str, _grad) -> bool:
+    return path.startswith("multi_modal_projector.")
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
+        cfg.validate()
+        self.cfg, self.log = cfg, log
+        self.out = Path(cfg.out)
+        self.ckpt_dir = self.out / "checkpoint"
+        model_path = resolve(cfg.model)
+        from transformers import AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        mx.random.seed(cfg.seed)  # LoRA A init
+        self.model = prepare_student(cfg)
+        mcfg = self.model.config
+        self.image_processor = ImageProcessor.from_pretrained(model_path, default_size=mcfg.vision_config.image_size)
+
+        self.data_sha = file_sha256(cfg.data)
+        self.train_set = SFTDataset(read_records(cfg.data), self.tokenizer, cfg.image_root, mcfg.image_seq_length,
+                                    cfg.max_seq_len, cfg.system, cfg.strict, source=str(cfg.data))
+        log(self.train_set.report())
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.batches = BatchIterator(self.train_set, cfg.batch_size, cfg.seed, self.image_processor, pad)
+        self.eval_set = None
+        if cfg.eval_data:
+            self.eval_set = SFTDataset(read_records(cfg.eval_data), self.tokenizer, cfg.image_root,
+                                       mcfg.image_seq_length, cfg.max_seq_len, cfg.system, cfg.strict,
+                                       source=str(cfg.eval_data))
+            log(self.eval_set.report())
+
+        steps_per_epoch = max(self.batches.batches_per_epoch // cfg.grad_accum, 1)
+        if cfg.max_steps is not None:
+            self.total_steps = int(cfg.max_steps)
+        else:
+            self.total_steps = max(int(math.ceil((cfg.epochs or 1.0) * steps_per_epoch)), 1)
+        self.optimizer = optim.MultiOptimizer(
+            [
+                optim.AdamW(lr_schedule(cfg.lr_projector, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
+                optim.AdamW(lr_schedule(cfg.lr, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
+            ],
+            [_is_projector],
+        )
+        self.optimizer.init(self.model.trainable_parameters())
+        self.step = 0
+        if resume and (self.ckpt_dir / "trainer_state.json").exists():
+            self.load_checkpoint()
+        elif resume:
+            log(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
+        self._build_step()
+
+    # --- the compiled micro-step ------------------------------------------------------------------------------------
+    def _loss(self, model, ids, mask, pixels):
+        emb = model.get_input_embeddings(ids, pixels, validate=False)
+        logits = model(ids, input_embeddings=emb)
+        return masked_ce(logits, ids, mask)
+
+    def _build_step(self):
+        value_and_grad = nn.value_and_grad(self.model, lambda m, i, k, p: self._loss(m, i, k, p)[0])
+
+        def step_fn(ids, mask, pixels=None):
+            loss_sum, grads = value_and_grad(self.model, ids, mask, pixels)
+            return loss_sum, grads
+
+        state = [self.model.state, mx.random.state]
+        if self.cfg.compile:
+            self._step_img = mx.compile(lambda i, k, p: step_fn(i, k, p), inputs=state, outputs=state)
+            self._step_txt = mx.compile(lambda i, k: step_fn(i, k), inputs=state, outputs=state)
+        else:
+            self._step_img = lambda i, k, p: step_fn(i, k, p)
+            self._step_txt = lambda i, k: step_fn(i, k)
+
+    def micro_step(self, batch):
+        ids, mask = mx.array(batch.input_ids), mx.array(batch.labels_mask)
+        if batch.pixel_values is not None:
+            return self._step_img(ids, mask, mx.array(batch.pixel_values))
+        return self._step_txt(ids, mask)
+
+    # --- loop -------------------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        metrics_path = self.out / "metrics.jsonl"
+        self._truncate_metrics(metrics_path)
+        kill_after = int(os.environ.get("BONSAI_KILL_AFTER_STEP", "0"))  # test hook: SIGKILL after this step
+        self.model.train()
+        it = iter(self.batches)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.phase}", unit="step",
+                   dynamic_ncols=True, disable=None)
+        t_start = time.perf_counter()
+        tokens_seen = 0
+        last = {}
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            # The RNG (LoRA dropout) is reseeded from (seed, step) every step, so a resumed run draws the same
+            # masks as an unbroken one without saving generator state.
+            mx.random.seed(step_seed(cfg.seed, self.step))
+            grads, loss_sum, ntok, nseq = None, 0.0, 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = next(it)
+                if batch.input_ids.shape[0] == 0 or batch.num_targets == 0:
+                    continue
+                ls, g = self.micro_step(batch)
+                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+                loss_sum = loss_sum + ls
+                ntok += batch.num_targets
+                nseq += batch.input_ids.shape[0]
+            if grads is None:
+                continue
+            # mean over the supervised tokens of the whole accumulated batch
+            grads = tree_map(lambda g, n=ntok: g / n, grads)
+            self.optimizer.update(self.model, grads)
+            mx.eval(self.model.parameters(), self.optimizer.state, loss_sum)
+            self.step += 1
+            dt = time.perf_counter() - t0
+            tokens_seen += ntok
+            loss = float(loss_sum) / ntok
+            lrs = [float(o.learning_rate) for o in self.optimizer.optimizers]
+            last = {"step": self.step, "loss": loss, "lr": lrs[1], "lr_projector": lrs[0], "tokens": int(ntok),
+                    "sequences": nseq, "tokens_per_s": ntok / dt, "step_time_s": dt, "epoch": self.batches.epoch,
+                    "peak_memory_gb": mx.get_peak_memory() / 1e9}
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(last) + "\n")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / dt:.0f}", lr=f"{lrs[1]:.2e}")
+            bar.update(1)
+            if cfg.eval_every and self.eval_set is not None and self.step % cfg.eval_every == 0:
+                self._log_eval(metrics_path)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+            if kill_after and self.step == kill_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+        bar.close()
+        if self.eval_set is not None:
+            self._log_eval(metrics_path)
+        self.save_checkpoint()
+        elapsed = time.perf_counter() - t_start
+        skipped = dict(self.train_set.skipped)
+        self.log(f"done: {self.step} steps in {elapsed:.1f}s; final loss {last.get('loss', float('nan')):.4f}; "
+                 f"checkpoint {self.ckpt_dir}" + (f"; skipped {skipped}" if skipped else ""))
+        return last
+
+    def _log_eval(self, metrics_path: Path) -> None:
+        res = evaluate_loss(self.model, self.eval_set, self.image_processor, self.batches.pad_id, self.cfg.batch_size)
+        rec = {"step": self.step, "split": "eval", **res}
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        self.log(f"eval @ {self.step}: loss {res['loss']:.4f} ppl {res['perplexity']:.2f}")
+        self.model.train()
+
+    def _truncate_metrics(self, path: Path) -> None:
+        """Drop metrics a killed run logged after its last checkpoint, so a resumed log has each step once."""
+        if not path.exists():
+            return
+        keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= self.step]
+        path.write_text("".join(ln + "\n" for ln in keep))
+
+    # --- checkpoints ------------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        cfg = self.cfg
+        with atomic_dir(self.ckpt_dir) as tmp:
+            save_adapter(self.model, tmp, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_keys))
+            mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            state = {"step": self.step, "total_steps": self.total_steps, "data": self.batches.state(),
+                     "data_sha256": self.data_sha, "phase": cfg.phase, "model": cfg.model,
+                     "skipped": dict(self.train_set.skipped)}
+            (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        return self.ckpt_dir
+
+    def load_checkpoint(self) -> None:
+        d = self.ckpt_dir
+        st = json.loads((d / "trainer_state.json").read_text())
+        if st["data_sha256"] != self.data_sha:
+            raise BonsaiError(f"{d} was trained on other data (sha256 differs from {self.cfg.data}); "
+                              "resume with the same --data or start a new --out")
+        w = dict(mx.load(str(d / "adapters.safetensors")))
+        self.model.language_model.load_weights(list(w.items()), strict=False)
+        self.model.load_weights(list(mx.load(str(d / "projector.safetensors")).items()), strict=False)
+        self.optimizer.state = tree_unflatten(list(mx.load(str(d / "optimizer.safetensors")).items()))
+        self.batches.load_state(st["data"])
+        self.step = int(st["step"])
+        mx.eval(self.model.parameters(), self.optimizer.state)
+        self.log(f"resumed from {d} at step {self.step}")
+
+
+def evaluate_loss(model: LlavaModel, dataset: SFTDataset, image_processor, pad_id: int, batch_size: int = 4) -> dict:
+    """Mean CE and perplexity over the supervised (assistant) tokens of a whole data set."""
+    model.eval()
+    it = BatchIterator(dataset, batch_size, 0, image_processor, pad_id, drop_last=False)
+    total, count = 0.0, 0.0
+    for idx in it.buckets:
+        b = it.make_batch(idx)
+        if b.input_ids.shape[0] == 0:
+            continue
+        ids = mx.array(b.input_ids)
+        px = mx.array(b.pixel_values) if b.pixel_values is not None else None
+        ls, n = masked_ce(model(ids, px), ids, mx.array(b.labels_mask))
+        total += float(ls)
+        count += float(n)
+    loss = total / max(count, 1.0)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count), "samples": len(dataset)}

@@ -1,0 +1,186 @@
+"""SFT training: learning, exact resume after a kill, what trains, bad records, config, plot, fuse."""
+
+import json
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import build_llava, make_shapes_data
+from mlx.utils import tree_flatten
+from PIL import Image
+
+from bonsai_mlx.hub import BonsaiError
+from bonsai_mlx.trainer import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tokenizer):
+    root = tmp_path_factory.mktemp("sft")
+    student, _ = build_llava(root / "student", tokenizer, seed=1, noise=0.1)  # away from the tiny HF init: LoRA learns
+    data = make_shapes_data(root / "data", 48)
+    return root, student, data
+
+
+def cli(*args, env=None):
+    e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "bonsai_mlx.cli", *args], capture_output=True, text=True, env=e,
+                          timeout=600)
+
+
+def metrics(run):
+    return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+
+
+def test_sft_learns_and_resumes_exactly_after_kill(setup):
+    root, student, data = setup
+    common = ["train", "--phase", "sft", "--model", str(student), "--data", str(data), "--image-root",
+              str(data.parent / "images"), "--max-steps", "200", "--batch-size", "4", "--lr", "3e-3",
+              "--lr-projector", "3e-3", "--save-every", "100", "--seed", "3"]
+    a, b = root / "run_a", root / "run_b"
+    r = cli(*common, "--out", str(a))
+    assert r.returncode == 0, r.stderr[-2000:]
+    ma = metrics(a)
+    assert [m["step"] for m in ma] == list(range(1, 201))
+    start, end = ma[0]["loss"], np.mean([m["loss"] for m in ma[-10:]])
+    assert end < 0.5 * start, (start, end)
+
+    r = cli(*common, "--out", str(b), env={"BONSAI_KILL_AFTER_STEP": "130"})
+    assert r.returncode == -9  # SIGKILL: no clean shutdown
+    assert json.loads((b / "checkpoint" / "trainer_state.json").read_text())["step"] == 100
+    assert len(metrics(b)) == 130
+    r = cli("train", "--out", str(b), "--resume")  # everything else comes from the checkpoint's config
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from" in r.stderr
+    mb = metrics(b)
+    assert [m["step"] for m in mb] == list(range(1, 201))
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(ma, mb, strict=True)) <= 1e-6
+    for f in ("adapters.safetensors", "projector.safetensors"):
+        wa, wb = mx.load(str(a / "checkpoint" / f)), mx.load(str(b / "checkpoint" / f))
+        assert set(wa) == set(wb) and all(mx.array_equal(wa[k], wb[k]).item() for k in wa), f
+
+    # plot the run
+    r = cli("plot", str(a))
+    assert r.returncode == 0, r.stderr
+    png = Image.open(a / "curves.png")
+    assert png.size[0] > 500
+
+    # the checkpoint works as --adapter in generate
+    r = cli("generate", "--model", str(student), "--adapter", str(a / "checkpoint"), "--image",
+            str(data.parent / "images" / "0_0.png"), "--prompt", "What colour is the shape?", "--max-tokens", "3",
+            "--json")
+    assert r.returncode == 0, r.stderr
+    want = json.loads(data.read_text())[0]["conversations"][1]["value"]
+    assert json.loads(r.stdout)["text"].startswith(want)  # it learned this training answer
+
+
+def test_only_projector_and_lora_change(setup):
+    root, student, data = setup
+    cfg = TrainConfig(model=str(student), data=str(data), image_root=str(data.parent / "images"),
+                      out=str(root / "run_c"), max_steps=3, batch_size=4, lr=1e-2, lr_projector=1e-2, warmup=0.0)
+    t = Trainer(cfg, log=lambda m: None)
+    before = {k: np.array(v) for k, v in tree_flatten(t.model.parameters())}
+    trainable = {k for k, _ in tree_flatten(t.model.trainable_parameters())}
+    assert trainable and all(k.startswith("multi_modal_projector.") or k.endswith(("lora_a", "lora_b"))
+                             for k in trainable)
+    assert any(k.startswith("multi_modal_projector.") for k in trainable)
+    t.train()
+    after = {k: np.array(v) for k, v in tree_flatten(t.model.parameters())}
+    for k, v in before.items():
+        if k in trainable:
+            if k.endswith("lora_a"):
+                continue  # A may move little; B and the projector must move
+        else:
+            assert np.array_equal(v, after[k]), f"frozen {k} changed"
+    assert any(not np.array_equal(before[k], after[k]) for k in trainable if k.endswith("lora_b"))
+    assert any(not np.array_equal(before[k], after[k]) for k in trainable if k.startswith("multi_modal_projector."))
+
+
+def test_bad_records_are_skipped_and_counted(setup, tmp_path):
+    root, student, data = setup
+    good = json.loads(data.read_text())[:8]
+    imgs = data.parent / "images"
+    (imgs / "garbage.png").write_text("not an image")
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(imgs / "full.jpg", quality=95)
+    jpg = (imgs / "full.jpg").read_bytes()
+    (imgs / "cut.jpg").write_bytes(jpg[: int(len(jpg) * 0.7)])  # header intact, pixels cut off
+
+    def r(i, image, convs):
+        return {"id": f"bad{i}", **({"image": image} if image else {}), "conversations": convs}
+
+    h, g = (lambda v: {"from": "human", "value": v}), (lambda v: {"from": "gpt", "value": v})
+    bad = [
+        r(1, "nope.png", [h("<image>\nQ"), g("A")]),  # missing_image
+        r(2, "garbage.png", [h("<image>\nQ"), g("A")]),  # corrupt_image (header)
+        r(3, "cut.jpg", [h("<image>\nQ"), g("A")]),  # corrupt_image (found when decoded)
+        r(4, "0_0.png", [h("<image>\nQ")]),  # no_assistant_turn
+        r(5, "0_0.png", [h("Q"), g("A")]),  # image_token_missing
+        r(6, "0_0.png", [h("<image><image>"), g("A")]),  # image_token_repeated
+        r(7, "0_0.png", [h("<image>"), g(["A"])]),  # non_string_value
+        r(8, "0_0.png", [h("<image>"), {"from": "system", "value": "A"}]),  # unknown_role
+    ]
+    f = tmp_path / "mixed.json"
+    f.write_text(json.dumps(good + bad))
+    out = tmp_path / "run"
+    res = cli("train", "--model", str(student), "--data", str(f), "--image-root", str(imgs), "--out", str(out),
+              "--max-steps", "4", "--batch-size", "2")
+    assert res.returncode == 0, res.stderr[-2000:]
+    start = res.stderr.split("\n\n")[0]
+    for reason in ("missing_image", "corrupt_image", "no_assistant_turn", "image_token_missing",
+                   "image_token_repeated", "non_string_value", "unknown_role"):
+        assert f"skipped 1 × {reason}" in start, reason
+    assert "9 of 16 records usable" in start  # cut.jpg passes the header check and is dropped when decoded
+    # 4 steps × 2 = all 8 good-or-late samples' batches: the truncated JPEG is met, dropped and counted
+    state = json.loads((out / "checkpoint" / "trainer_state.json").read_text())
+    assert state["skipped"]["corrupt_image"] == 2, state
+    assert "'corrupt_image': 2" in res.stderr.splitlines()[-1]
+
+    res = cli("train", "--model", str(student), "--data", str(f), "--image-root", str(imgs), "--out",
+              str(tmp_path / "strict"), "--max-steps", "1", "--strict")
+    assert res.returncode == 1 and "record bad1" in res.stderr and "--strict" in res.stderr
+    assert len([x for x in res.stderr.splitlines() if x.strip()]) == 1
+
+
+def test_config_yaml_flags_override_and_json_errors(setup, tmp_path):
+    root, student, data = setup
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: {student}\ndata: {data}\nimage_root: {data.parent / 'images'}\nbatch-size: 2\n"
+                 f"max_steps: 2\nlora_rank: 4\n")
+    out = tmp_path / "run"
+    res = cli("train", "--config", str(y), "--out", str(out), "--lora-rank", "8")
+    assert res.returncode == 0, res.stderr[-2000:]
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["batch_size"] == 2 and resolved["lora_rank"] == 8 and resolved["max_steps"] == 2
+    assert json.loads((out / "checkpoint" / "adapter_config.json").read_text())["lora_parameters"]["rank"] == 8
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"id": 1,\n  "image": "a.png",, }]')
+    res = cli("train", "--model", str(student), "--data", str(bad), "--out", str(tmp_path / "r2"))
+    assert res.returncode == 1 and "line 2 column" in res.stderr and "Traceback" not in res.stderr
+    y.write_text("unknown_key: 1\n")
+    res = cli("train", "--config", str(y), "--out", str(tmp_path / "r3"))
+    assert res.returncode == 1 and "unknown_key" in res.stderr
+
+
+def test_fuse_equals_adapter(setup, tmp_path):
+    root, student, data = setup
+    cfg = TrainConfig(model=str(student), data=str(data), image_root=str(data.parent / "images"),
+                      out=str(tmp_path / "run"), max_steps=3, batch_size=4, lr=1e-2, lr_projector=1e-2, warmup=0.0,
+                      quantize="none")
+    Trainer(cfg, log=lambda m: None).train()
+    from bonsai_mlx.generate import load
+
+    model, processor = load(student, adapter=tmp_path / "run" / "checkpoint")
+    ids = mx.array([processor.prompt_ids("What colour?", with_image=True)])
+    pix = mx.array(processor.image_processor([str(data.parent / "images" / "0_1.png")]))
+    want = np.array(model(ids, pix))
+    res = cli("fuse", "--model", str(student), "--adapter", str(tmp_path / "run" / "checkpoint"), "--out",
+              str(tmp_path / "fused"))
+    assert res.returncode == 0, res.stderr
+    fused, _ = load(tmp_path / "fused")
+    assert np.abs(np.array(fused(ids, pix)) - want).max() <= 1e-5
+    with pytest.raises(BonsaiError):
+        TrainConfig(model="m", data="d", out="o", max_steps=3, epochs=1.0).validate()
