@@ -6,6 +6,11 @@ Importing the package does not import mlx: submodules that need it import it the
 
 __version__ = "0.1.0"
 
+from . import _blas  # noqa: E402
+
+# On Linux, an optimized BLAS must be loaded before mlx.core is first imported (see _blas.py).
+_blas.maybe_load()
+
 
 def __getattr__(name):
     # Lazy re-exports in the style of mlx_lm (`from bonsai_mlx import load_model`).
