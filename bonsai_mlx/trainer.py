@@ -114,8 +114,11 @@ def lr_schedule(peak: float, total_steps: int, warmup_ratio: float):
 
 def prepare_student(cfg: TrainConfig) -> LlavaModel:
     """Load the student, quantize + freeze the LM, add LoRA, make the projector trainable."""
+    return make_trainable(load_model(cfg.model), cfg)
+
+
+def make_trainable(model: LlavaModel, cfg: TrainConfig) -> LlavaModel:
     quant = None if str(cfg.quantize) == "none" else int(cfg.quantize)
-    model = load_model(cfg.model)
     model.set_dtype(_DTYPES[cfg.dtype])
     if quant and not model.config.quantization:
         from .model import quantize_language_model
@@ -130,6 +133,29 @@ def prepare_student(cfg: TrainConfig) -> LlavaModel:
         grad_checkpoint(model.language_model.layers[0])
     mx.eval(model.parameters())
     return model
+
+
+def sft_loss(model: LlavaModel, ids, mask, pixels):
+    """Summed CE over supervised targets (see losses.masked_ce) for one micro-batch."""
+    emb = model.get_input_embeddings(ids, pixels, validate=False)
+    return masked_ce(model(ids, input_embeddings=emb), ids, mask)[0]
+
+
+def build_step(model: LlavaModel, compile: bool = True):
+    """(step_with_images(ids, mask, pixels), step_text_only(ids, mask)) → (loss_sum, grads); compiled with the
+    model and the global RNG as state (mlx-lm's trainer does the same)."""
+    value_and_grad = nn.value_and_grad(model, sft_loss)
+    state = [model.state, mx.random.state]
+
+    def img(ids, mask, pixels):
+        return value_and_grad(model, ids, mask, pixels)
+
+    def txt(ids, mask):
+        return value_and_grad(model, ids, mask, None)
+
+    if compile:
+        return mx.compile(img, inputs=state, outputs=state), mx.compile(txt, inputs=state, outputs=state)
+    return img, txt
 
 
 def _is_projector(path: str, _grad) -> bool:
@@ -184,26 +210,8 @@ class Trainer:
             log(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
         self._build_step()
 
-    # --- the compiled micro-step ------------------------------------------------------------------------------------
-    def _loss(self, model, ids, mask, pixels):
-        emb = model.get_input_embeddings(ids, pixels, validate=False)
-        logits = model(ids, input_embeddings=emb)
-        return masked_ce(logits, ids, mask)
-
     def _build_step(self):
-        value_and_grad = nn.value_and_grad(self.model, lambda m, i, k, p: self._loss(m, i, k, p)[0])
-
-        def step_fn(ids, mask, pixels=None):
-            loss_sum, grads = value_and_grad(self.model, ids, mask, pixels)
-            return loss_sum, grads
-
-        state = [self.model.state, mx.random.state]
-        if self.cfg.compile:
-            self._step_img = mx.compile(lambda i, k, p: step_fn(i, k, p), inputs=state, outputs=state)
-            self._step_txt = mx.compile(lambda i, k: step_fn(i, k), inputs=state, outputs=state)
-        else:
-            self._step_img = lambda i, k, p: step_fn(i, k, p)
-            self._step_txt = lambda i, k: step_fn(i, k)
+        self._step_img, self._step_txt = build_step(self.model, self.cfg.compile)
 
     def micro_step(self, batch):
         ids, mask = mx.array(batch.input_ids), mx.array(batch.labels_mask)
