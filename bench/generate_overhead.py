@@ -10,6 +10,9 @@ Runs alternate (ours, baseline, ours, …) after one warm-up each; medians are r
 
 from __future__ import annotations
 
+import bonsai_mlx  # noqa: F401  (first: on Linux it loads OpenBLAS before mlx.core is imported)
+
+# isort: split
 import argparse
 import sys
 from pathlib import Path

@@ -9,6 +9,9 @@ step `bonsai-mlx train` runs. One warm-up step (compilation) is excluded; the ta
 
 from __future__ import annotations
 
+import bonsai_mlx  # noqa: F401  (first: on Linux it loads OpenBLAS before mlx.core is imported)
+
+# isort: split
 import argparse
 import sys
 import time

@@ -61,7 +61,10 @@ def save_adapter(model: LlavaModel, out_dir: Union[str, Path], config: dict) -> 
 
 
 def apply_adapter(model: LlavaModel, adapter_dir: Union[str, Path], projector: Optional[bool] = None) -> LlavaModel:
-    """Apply a checkpoint's LoRA adapters (and projector, if present) to `model` in place."""
+    """Apply a checkpoint's LoRA adapters (and projector, if present) to `model` in place.
+
+    A checkpoint trained with a quantized base (`--quantize 4`, the default) first quantizes a full-precision base
+    the same way, so the adapters act on the weights they were trained against."""
     d = Path(adapter_dir)
     if not d.is_dir():
         raise BonsaiError(f"adapter {d}: no such directory (pass a training checkpoint directory)")
@@ -69,6 +72,13 @@ def apply_adapter(model: LlavaModel, adapter_dir: Union[str, Path], projector: O
     has_proj = (d / "projector.safetensors").exists()
     if not (has_lora or has_proj):
         raise BonsaiError(f"adapter {d}: neither adapters.safetensors nor projector.safetensors found")
+    train_cfg = d / "config.json"  # written by `bonsai-mlx train`
+    bits = json.loads(train_cfg.read_text()).get("quantize") if train_cfg.exists() else None
+    if bits not in (None, "none") and model.config.quantization is None:
+        # The adapters were trained against a quantized base (QLoRA): apply them to the same quantized weights.
+        from .model import quantize_language_model
+
+        quantize_language_model(model, bits=int(bits))
     if has_lora:
         if not (d / "adapter_config.json").exists():
             raise BonsaiError(f"adapter {d}: adapters.safetensors without adapter_config.json")

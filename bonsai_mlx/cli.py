@@ -339,6 +339,28 @@ def fuse(model, adapter, out, dequantize, force):
     click.echo(f"wrote fused student to {out}")
 
 
+@cli.command()
+@click.option("--model", required=True, metavar="DIR_OR_ID", help="Student directory or hub id.")
+@click.option("--adapter", default=None, type=click.Path(), metavar="DIR",
+              help="Training checkpoint whose LoRA adapters and projector are fused in.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]), default="float32", show_default=True,
+              help="Weight dtype of the export.")
+@click.option("--shard-size", default="2GB", show_default=True, help="Largest safetensors shard, e.g. 2GB, 500MB.")
+@click.option("--peft", is_flag=True, help="Also write the adapters as a PEFT LoRA adapter in OUT/peft.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
+def export(model, adapter, out, dtype, shard_size, peft, force):
+    """Export to a transformers LlavaForConditionalGeneration directory (fusing an adapter if given).
+
+    Same as `python convert/to_hf.py`. Loads with LlavaForConditionalGeneration.from_pretrained(OUT) and
+    AutoProcessor.from_pretrained(OUT); no custom code.
+    """
+    from .export import export as run_export
+
+    run_export(model, out, adapter=adapter, dtype=dtype, shard_size=shard_size, peft=peft, force=force)
+    click.echo(f"exported to {out}")
+
+
 def main():
     try:
         cli(standalone_mode=False)

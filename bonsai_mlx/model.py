@@ -310,8 +310,11 @@ def config_to_dict(config: ModelConfig) -> dict:
     return out
 
 
-def save_weights(weights: Dict[str, mx.array], out_dir: Path, max_shard_bytes: int = 5 << 30) -> None:
+def save_weights(
+    weights: Dict[str, mx.array], out_dir: Path, max_shard_bytes: int = 5 << 30, metadata: Optional[dict] = None
+) -> None:
     """Write safetensors shards (+ index when more than one) in transformers' naming."""
+    metadata = metadata or {"format": "mlx"}
     shards: List[Dict[str, mx.array]] = [{}]
     size = 0
     for k in sorted(weights):
@@ -322,12 +325,12 @@ def save_weights(weights: Dict[str, mx.array], out_dir: Path, max_shard_bytes: i
         shards[-1][k] = weights[k]
         size += nbytes
     if len(shards) == 1:
-        mx.save_safetensors(str(out_dir / "model.safetensors"), shards[0], metadata={"format": "mlx"})
+        mx.save_safetensors(str(out_dir / "model.safetensors"), shards[0], metadata=metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out_dir / name), shard, metadata={"format": "mlx"})
+        mx.save_safetensors(str(out_dir / name), shard, metadata=metadata)
         weight_map.update({k: name for k in shard})
     index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
     (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

@@ -5,6 +5,9 @@ Nothing here touches the network: every model is random and small, every tokeniz
 
 from __future__ import annotations
 
+import bonsai_mlx  # noqa: F401  (first: on Linux it loads OpenBLAS before any test imports mlx.core)
+
+# isort: split
 import json
 import os
 from pathlib import Path
@@ -15,7 +18,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-torch = pytest.importorskip("torch")  # the parity tests need the PyTorch reference (the `dev` extra)
+try:
+    import torch  # the parity tests need the PyTorch reference implementations
+except ImportError as e:  # fail loudly: a suite that skips everything would pass vacuously
+    raise ImportError('the tests need torch: pip install torch==2.13.0 && pip install -e ".[dev]"') from e
 
 
 def siglip_vision_kwargs(**over):
