@@ -137,3 +137,61 @@ def make_shapes_data(root: Path, n: int, size: int = 32, seed: int = 0, name: st
     path = root / name
     path.write_text(json.dumps(records))
     return path
+
+
+def train_llama_tokenizer(extra_corpus=()):
+    """A SentencePiece-style BPE tokenizer in Llama-2's tokenizer.json format (▁ metaspace via normalizer, byte
+    fallback, <s> prepended), with LLaVA-1.5's added `<image>` and `<pad>`."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bonsai_mlx.pico import DEFAULT_CORPUS
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
+                                  show_progress=False)
+    corpus = list(DEFAULT_CORPUS) + list(extra_corpus) + [
+        "USER: ASSISTANT: A chat between a curious human and an artificial intelligence assistant.",
+        "The assistant gives helpful, detailed, and polite answers to the human's questions."]
+    tok.train_from_iterator(corpus, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   clean_up_tokenization_spaces=False)
+    fast.add_tokens(["<image>"], special_tokens=True)
+    fast.add_special_tokens({"pad_token": "<pad>"})
+    return fast
+
+
+def build_teacher(out: Path, tokenizer, seed=0):
+    """A tiny LLaVA-1.5-style teacher (CLIP vision, Llama text, vision layer -2, "default" strategy) saved in the
+    llava-hf layout with its tokenizer and CLIP image processor. Image 48px / patch 8 → a 6×6 grid (36 tokens)."""
+    from transformers import (
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(seed)
+    v = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         image_size=48, patch_size=8, projection_dim=32)
+    t = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=4, vocab_size=-(-len(tokenizer) // 64) * 64, max_position_embeddings=1024,
+                    pad_token_id=tokenizer.pad_token_id)
+    cfg = LlavaConfig(vision_config=v, text_config=t, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                      vision_feature_layer=-2, vision_feature_select_strategy="default", image_seq_length=36,
+                      projector_hidden_act="gelu")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(str(out))
+    tokenizer.save_pretrained(str(out))
+    CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}).save_pretrained(str(out))
+    return out, model
