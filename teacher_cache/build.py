@@ -143,7 +143,8 @@ def _dist():
     return rank, world
 
 
-def build(cfg: BuildConfig, log=print) -> Path:
+def build(cfg: BuildConfig, log=print, model=None) -> Path:
+    """Run the build. `model`: an already loaded teacher (benchmarks); default: load `cfg.teacher`'s weights."""
     import torch
     from tqdm import tqdm
     from transformers import AutoImageProcessor, AutoTokenizer, LlavaForConditionalGeneration
@@ -223,7 +224,8 @@ def build(cfg: BuildConfig, log=print) -> Path:
         log(f"rank {rank}: resuming, {len(st.samples)} samples already in {len(st.shards)} shards")
 
     device = torch.device(cfg.device)
-    model = LlavaForConditionalGeneration.from_pretrained(str(tdir), dtype=getattr(torch, cfg.torch_dtype))
+    if model is None:
+        model = LlavaForConditionalGeneration.from_pretrained(str(tdir), dtype=getattr(torch, cfg.torch_dtype))
     model.to(device).eval()
     pad_id = teacher_tok.pad_token_id if teacher_tok.pad_token_id is not None else 0
     mean = getattr(image_proc, "image_mean", [0.5, 0.5, 0.5])

@@ -105,6 +105,8 @@ def read_json(p: Path):
     return json.loads(Path(p).read_text())
 
 
+from teacher_cache.testing import train_llama_tokenizer  # noqa: E402,F401  (re-exported for the tests)
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220), "yellow": (230, 210, 30)}
 SHAPES = ("square", "circle")
 
@@ -137,34 +139,6 @@ def make_shapes_data(root: Path, n: int, size: int = 32, seed: int = 0, name: st
     path = root / name
     path.write_text(json.dumps(records))
     return path
-
-
-def train_llama_tokenizer(extra_corpus=()):
-    """A SentencePiece-style BPE tokenizer in Llama-2's tokenizer.json format (▁ metaspace via normalizer, byte
-    fallback, <s> prepended), with LLaVA-1.5's added `<image>` and `<pad>`."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    from bonsai_mlx.pico import DEFAULT_CORPUS
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                     decoders.Strip(" ", 1, 0)])
-    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
-                                  show_progress=False)
-    corpus = list(DEFAULT_CORPUS) + list(extra_corpus) + [
-        "USER: ASSISTANT: A chat between a curious human and an artificial intelligence assistant.",
-        "The assistant gives helpful, detailed, and polite answers to the human's questions."]
-    tok.train_from_iterator(corpus, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
-                                                       special_tokens=[("<s>", tok.token_to_id("<s>"))])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   clean_up_tokenization_spaces=False)
-    fast.add_tokens(["<image>"], special_tokens=True)
-    fast.add_special_tokens({"pad_token": "<pad>"})
-    return fast
 
 
 def build_teacher(out: Path, tokenizer, seed=0):
