@@ -4,7 +4,13 @@ Importing the package does not import mlx: submodules that need it import it the
 (prompting, data formats) can be used by the PyTorch teacher tool.
 """
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# bonsai_mlx never needs PyTorch; keep transformers' "PyTorch was not found" advice off stderr so user-facing errors
+# stay one line on a torch-free install.
+_os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from . import _blas  # noqa: E402
 
