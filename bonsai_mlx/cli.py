@@ -236,7 +236,8 @@ def info(model, adapter, as_json):
 
 
 @cli.command()
-@click.option("--phase", type=click.Choice(["sft"]), default=None, help="Training phase: sft (cross-entropy on answers).")
+@click.option("--phase", type=click.Choice(["sft", "hsd"]), default=None,
+              help="sft: cross-entropy on answers; hsd: plus hidden-state distillation from a teacher cache.")
 @click.option("--model", metavar="DIR_OR_ID", default=None, help="Student to train (from `bonsai-mlx init`).")
 @click.option("--data", metavar="JSON", default=None, help="LLaVA-Instruct JSON (list of records) or JSONL.")
 @click.option("--image-root", metavar="DIR", default=None, help="Folder the records' `image` paths are relative to.")
@@ -267,13 +268,23 @@ def info(model, adapter, as_json):
 @click.option("--strict/--no-strict", default=None, help="Stop at the first bad record instead of skipping it.")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute LM blocks in backward.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="mx.compile the training step [on].")
+@click.option("--teacher-cache", metavar="CACHE_DIR", default=None,
+              help="hsd: teacher hidden states from `python -m teacher_cache build`.")
+@click.option("--alpha", type=float, default=None, help="hsd: loss = (1-alpha)·CE + alpha·distillation [0.5].")
+@click.option("--image-weight", type=float, default=None, help="hsd: weight of L_img inside the distillation [1].")
+@click.option("--text-layers", metavar="S:T,…", default=None,
+              help="hsd: student:teacher hidden-state pairs for L_text [student last : cache's deepest].")
+@click.option("--image-layer", metavar="S:T", default=None,
+              help="hsd: student:teacher pair for L_img [cache's image layer at the same relative depth].")
+@click.option("--lr-align", type=float, default=None, help="hsd: learning rate of the alignment projectors [1e-3].")
 def train(config_file, resume, compile_, **opts):
-    """Train the student: QLoRA SFT on LLaVA-Instruct-format data.
+    """Train the student: QLoRA SFT on LLaVA-Instruct-format data, or HSD with a teacher cache.
 
     \b
     Example:
       bonsai-mlx train --phase sft --model bonsai --data llava_instruct_150k.json \\
           --image-root coco/train2017 --out runs/sft --max-steps 2000 --batch-size 4 --grad-accum 4
+      bonsai-mlx train --phase hsd --teacher-cache cache/ --alpha 0.5 --model bonsai --data … --out runs/hsd
 
     Bad records are skipped and counted (reported at the start and the end); progress shows loss, supervised
     tokens/s, learning rate and ETA; RUN_DIR/metrics.jsonl logs every step (`bonsai-mlx plot RUN_DIR` draws it).

@@ -133,6 +133,7 @@ class Batch:
     pixel_values: Optional[np.ndarray]  # [N, H, W, 3] float32, images in row order
     sample_indices: List[int]
     dropped: List[str]  # record ids dropped from this batch (image failed to decode)
+    extra: Optional[dict] = None  # phase-specific arrays (HSD targets)
 
     @property
     def num_targets(self) -> int:
@@ -148,12 +149,13 @@ class BatchIterator:
 
     def __init__(self, dataset: SFTDataset, batch_size: int, seed: int, image_processor: ImageProcessor,
                  pad_id: int, pad_multiple: int = 16, prefetch: int = 2, rank: int = 0, world: int = 1,
-                 drop_last: bool = True):
+                 drop_last: bool = True, extras=None):
         if len(dataset) == 0:
             raise BonsaiError(f"{dataset.source}: no usable records\n{dataset.report()}")
         self.ds, self.batch_size, self.seed = dataset, batch_size, seed
         self.proc, self.pad_id, self.pad_multiple, self.prefetch = image_processor, pad_id, pad_multiple, prefetch
         self.rank, self.world = rank, world
+        self.extras = extras  # optional (samples, input_ids) → dict of arrays, computed in the loader thread
         lengths = np.array([len(s.input_ids) for s in dataset.samples])
         order = np.argsort(lengths, kind="stable")
         # Training drops the last partial batch (as mlx-lm) unless the data set is smaller than one batch.
@@ -210,7 +212,8 @@ class BatchIterator:
             ids[r, : len(s.input_ids)] = s.input_ids
             mask[r, : len(s.labels_mask)] = s.labels_mask
         px = np.stack(pixels).astype(np.float32) if pixels else None
-        return Batch(ids, mask, px, [s.index for s in samples], dropped)
+        extra = self.extras(samples, ids) if self.extras is not None and samples else None
+        return Batch(ids, mask, px, [s.index for s in samples], dropped, extra)
 
     def __iter__(self) -> Iterator[Batch]:
         """Batches from the current position; images are decoded in a background thread, `prefetch` batches ahead.

@@ -211,7 +211,7 @@ class LlavaModel(nn.Module):
         vision = {k[len("vision_tower.") :]: v for k, v in params.items() if k.startswith("vision_tower.")}
         out.update({f"vision_tower.{k}": v for k, v in VisionTower.to_hf(vision).items()})
         for k, v in params.items():
-            if not k.startswith("vision_tower."):
+            if not k.startswith(("vision_tower.", "align.")):  # align: HSD's training-only projectors
                 out[k] = v
         if getattr(self.language_model.args, "tie_word_embeddings", False):
             out.pop("language_model.lm_head.weight", None)

@@ -12,6 +12,9 @@ from typing import List, Optional
 
 IMAGE_TOKEN = "<image>"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
+# Bumped whenever the student's or the teacher's prompt format changes: a teacher cache records it and the HSD
+# trainer refuses a cache built with another version (its token positions would not match).
+PROMPT_TEMPLATE_VERSION = "student-chatml-1+teacher-vicuna_v1-1"
 
 # A ChatML template that takes both plain-string content and the transformers multimodal message format
 # ([{"type": "image"}, {"type": "text", "text": ...}]); images render as "<image>\n" before the turn's text.

@@ -71,6 +71,13 @@ class TrainConfig:
     grad_checkpoint: bool = False
     compile: bool = True
     system: Optional[str] = None
+    # phase hsd
+    teacher_cache: Optional[str] = None
+    alpha: float = 0.5
+    image_weight: float = 1.0
+    text_layers: Optional[str] = None
+    image_layer: Optional[str] = None
+    lr_align: float = 1e-3
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -82,6 +89,12 @@ class TrainConfig:
         return cls(**clean)
 
     def validate(self) -> None:
+        if self.phase not in ("sft", "hsd"):
+            raise BonsaiError(f"--phase must be sft or hsd, got {self.phase!r}")
+        if self.phase == "hsd" and not self.teacher_cache:
+            raise BonsaiError("--phase hsd needs --teacher-cache (build one with `python -m teacher_cache build`)")
+        if not 0 <= self.alpha <= 1:
+            raise BonsaiError(f"--alpha must be in [0, 1], got {self.alpha}")
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise BonsaiError(f"--{name} is required")
@@ -135,31 +148,60 @@ def make_trainable(model: LlavaModel, cfg: TrainConfig) -> LlavaModel:
     return model
 
 
-def sft_loss(model: LlavaModel, ids, mask, pixels):
-    """Summed CE over supervised targets (see losses.masked_ce) for one micro-batch."""
+def train_loss(model: LlavaModel, ids, mask, pixels, extra, norms, alpha: float = 0.0, image_weight: float = 0.0,
+               text_pairs=(), image_pair=None):
+    """One micro-batch's share of the step loss (1-α)·CE + α·(L_text + λ_img·L_img), each term a mean over the
+    whole accumulated batch: `norms` = [supervised tokens, aligned pairs, image positions] of that batch.
+
+    SFT is the same function with no distillation terms, so `--alpha 0` reproduces SFT exactly (1·x + 0·y = x).
+    Returns (loss, (CE sum, L_text sum, L_img sum)).
+    """
     emb = model.get_input_embeddings(ids, pixels, validate=False)
-    return masked_ce(model(ids, input_embeddings=emb), ids, mask)[0]
+    if extra is None:
+        logits = model(ids, input_embeddings=emb)
+        ce_sum = masked_ce(logits, ids, mask)[0]
+        zero = mx.array(0.0)
+        return (1.0 - alpha) * ce_sum / norms[0], (ce_sum, zero, zero)
+    from .distill import distill_terms
+
+    logits, hidden = model(ids, input_embeddings=emb, output_hidden_states=True)
+    ce_sum = masked_ce(logits, ids, mask)[0]
+    lt, li = distill_terms(model, hidden, extra, text_pairs, image_pair)
+    distill = lt / mx.maximum(norms[1], 1.0) + image_weight * li / mx.maximum(norms[2], 1.0)
+    return (1.0 - alpha) * ce_sum / norms[0] + alpha * distill, (ce_sum, lt, li)
 
 
-def build_step(model: LlavaModel, compile: bool = True):
-    """(step_with_images(ids, mask, pixels), step_text_only(ids, mask)) → (loss_sum, grads); compiled with the
-    model and the global RNG as state (mlx-lm's trainer does the same)."""
-    value_and_grad = nn.value_and_grad(model, sft_loss)
+def build_step(model: LlavaModel, compile: bool = True, **loss_kw):
+    """step(ids, mask, pixels, extra, norms) → ((loss, aux), grads), compiled per input structure (with/without
+    images, with/without distillation targets), with the model and the global RNG as state (as mlx-lm's trainer)."""
+    from functools import partial
+
+    value_and_grad = nn.value_and_grad(model, partial(train_loss, **loss_kw))
     state = [model.state, mx.random.state]
+    variants = {}
 
-    def img(ids, mask, pixels):
-        return value_and_grad(model, ids, mask, pixels)
+    def step(ids, mask, pixels, extra, norms):
+        key = (pixels is not None, None if extra is None else tuple(sorted(extra)))
+        if key not in variants:
+            has_px, has_extra = key[0], key[1] is not None
 
-    def txt(ids, mask):
-        return value_and_grad(model, ids, mask, None)
+            def fn(ids, mask, pixels, extra, norms):
+                return value_and_grad(model, ids, mask, pixels if has_px else None, extra if has_extra else None,
+                                      norms)
 
-    if compile:
-        return mx.compile(img, inputs=state, outputs=state), mx.compile(txt, inputs=state, outputs=state)
-    return img, txt
+            variants[key] = mx.compile(fn, inputs=state, outputs=state) if compile else fn
+        dummy = mx.array(0.0)
+        return variants[key](ids, mask, dummy if pixels is None else pixels, {} if extra is None else extra, norms)
+
+    return step
 
 
 def _is_projector(path: str, _grad) -> bool:
     return path.startswith("multi_modal_projector.")
+
+
+def _is_align(path: str, _grad) -> bool:
+    return path.startswith("align.")
 
 
 class Trainer:
@@ -180,9 +222,13 @@ class Trainer:
         self.data_sha = file_sha256(cfg.data)
         self.train_set = SFTDataset(read_records(cfg.data), self.tokenizer, cfg.image_root, mcfg.image_seq_length,
                                     cfg.max_seq_len, cfg.system, cfg.strict, source=str(cfg.data))
+        self.text_pairs, self.image_pair, extras = [], None, None
+        if cfg.phase == "hsd":
+            extras = self._setup_hsd(model_path)
         log(self.train_set.report())
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.batches = BatchIterator(self.train_set, cfg.batch_size, cfg.seed, self.image_processor, pad)
+        self.batches = BatchIterator(self.train_set, cfg.batch_size, cfg.seed, self.image_processor, pad,
+                                     extras=extras)
         self.eval_set = None
         if cfg.eval_data:
             self.eval_set = SFTDataset(read_records(cfg.eval_data), self.tokenizer, cfg.image_root,
@@ -195,12 +241,14 @@ class Trainer:
             self.total_steps = int(cfg.max_steps)
         else:
             self.total_steps = max(int(math.ceil((cfg.epochs or 1.0) * steps_per_epoch)), 1)
+        # three groups, each with its own schedule: projector, alignment projectors (HSD; empty in SFT), LoRA
         self.optimizer = optim.MultiOptimizer(
             [
                 optim.AdamW(lr_schedule(cfg.lr_projector, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
+                optim.AdamW(lr_schedule(cfg.lr_align, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
                 optim.AdamW(lr_schedule(cfg.lr, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
             ],
-            [_is_projector],
+            [_is_projector, _is_align],
         )
         self.optimizer.init(self.model.trainable_parameters())
         self.step = 0
@@ -210,14 +258,49 @@ class Trainer:
             log(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
         self._build_step()
 
-    def _build_step(self):
-        self._step_img, self._step_txt = build_step(self.model, self.cfg.compile)
+    def _setup_hsd(self, model_path: Path):
+        """Open and check the teacher cache, pick the layer pairs, add the alignment projectors, drop records the
+        cache lacks; returns the loader's target builder."""
+        from .distill import AlignProjectors, TargetBuilder, TeacherCache, resolve_pairs
+        from .prompting import PROMPT_TEMPLATE_VERSION
 
-    def micro_step(self, batch):
+        cfg, mcfg = self.cfg, self.model.config
+        cache = TeacherCache(cfg.teacher_cache)
+        tj = model_path / "tokenizer.json"
+        cache.check(**{"student_tokenizer.sha256": file_sha256(tj) if tj.exists() else None,
+                       "dataset_sha256": self.data_sha, "prompt_template_version": PROMPT_TEMPLATE_VERSION,
+                       "student_image_tokens": mcfg.image_seq_length})
+        n_layers = int(mcfg.text_config["num_hidden_layers"])
+        self.text_pairs, self.image_pair = resolve_pairs(cache, n_layers, cfg.text_layers, cfg.image_layer,
+                                                         cfg.image_weight, self.log)
+        self.log(f"distilling text pairs {self.text_pairs} (student:teacher), image pair {self.image_pair}; "
+                 f"cache coverage {cache.manifest.get('coverage', float('nan')):.3f}")
+        self.model.align = AlignProjectors(int(mcfg.text_config["hidden_size"]), cache.hidden_size, self.text_pairs,
+                                           self.image_pair)
+        mx.eval(self.model.align.parameters())
+        kept = []
+        for smp in self.train_set.samples:
+            if smp.index in cache.index:
+                kept.append(smp)
+            else:
+                self.train_set._skip("not_in_teacher_cache", smp.record_id, "record is not in the teacher cache")
+        self.train_set.samples = kept
+        self.cache = cache
+        return TargetBuilder(cache, self.text_pairs, self.image_pair, mcfg.image_token_index)
+
+    def _build_step(self):
+        cfg = self.cfg
+        hsd = cfg.phase == "hsd"
+        self._step = build_step(self.model, cfg.compile, alpha=cfg.alpha if hsd else 0.0,
+                                image_weight=cfg.image_weight if hsd else 0.0, text_pairs=tuple(self.text_pairs),
+                                image_pair=self.image_pair)
+
+    def micro_step(self, batch, norms):
+        from .distill import to_mx
+
         ids, mask = mx.array(batch.input_ids), mx.array(batch.labels_mask)
-        if batch.pixel_values is not None:
-            return self._step_img(ids, mask, mx.array(batch.pixel_values))
-        return self._step_txt(ids, mask)
+        px = mx.array(batch.pixel_values) if batch.pixel_values is not None else None
+        return self._step(ids, mask, px, to_mx(batch.extra), norms)
 
     # --- loop -------------------------------------------------------------------------------------------------------
     def train(self) -> dict:
@@ -241,33 +324,39 @@ class Trainer:
             # The RNG (LoRA dropout) is reseeded from (seed, step) every step, so a resumed run draws the same
             # masks as an unbroken one without saving generator state.
             mx.random.seed(step_seed(cfg.seed, self.step))
-            grads, loss_sum, ntok, nseq = None, 0.0, 0.0, 0
-            for _ in range(cfg.grad_accum):
-                batch = next(it)
-                if batch.input_ids.shape[0] == 0 or batch.num_targets == 0:
-                    continue
-                ls, g = self.micro_step(batch)
-                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-                loss_sum = loss_sum + ls
-                ntok += batch.num_targets
-                nseq += batch.input_ids.shape[0]
-            if grads is None:
+            # the whole accumulated batch first: each term is a mean over all of it
+            from .distill import counts
+
+            micro = [b for b in (next(it) for _ in range(cfg.grad_accum))
+                     if b.input_ids.shape[0] > 0 and b.num_targets > 0]
+            if not micro:
                 continue
-            # mean over the supervised tokens of the whole accumulated batch
-            grads = tree_map(lambda g, n=ntok: g / n, grads)
+            ntok = float(sum(b.num_targets for b in micro))
+            n_text = float(sum(counts(b.extra)[0] for b in micro))
+            n_img = float(sum(counts(b.extra)[1] for b in micro))
+            norms = mx.array([ntok, n_text, n_img], dtype=mx.float32)
+            grads, loss, ce_sum, lt_sum, li_sum = None, 0.0, 0.0, 0.0, 0.0
+            for batch in micro:
+                (lv, (ce, lt, li)), g = self.micro_step(batch, norms)
+                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+                loss, ce_sum, lt_sum, li_sum = loss + lv, ce_sum + ce, lt_sum + lt, li_sum + li
+            nseq = sum(b.input_ids.shape[0] for b in micro)
             self.optimizer.update(self.model, grads)
-            mx.eval(self.model.parameters(), self.optimizer.state, loss_sum)
+            mx.eval(self.model.parameters(), self.optimizer.state, loss, ce_sum, lt_sum, li_sum)
             self.step += 1
             dt = time.perf_counter() - t0
             tokens_seen += ntok
-            loss = float(loss_sum) / ntok
             lrs = [float(o.learning_rate) for o in self.optimizer.optimizers]
-            last = {"step": self.step, "loss": loss, "lr": lrs[1], "lr_projector": lrs[0], "tokens": int(ntok),
-                    "sequences": nseq, "tokens_per_s": ntok / dt, "step_time_s": dt, "epoch": self.batches.epoch,
-                    "peak_memory_gb": mx.get_peak_memory() / 1e9}
+            last = {"step": self.step, "loss": float(loss), "ce": float(ce_sum) / ntok, "lr": lrs[2],
+                    "lr_projector": lrs[0], "tokens": int(ntok), "sequences": nseq, "tokens_per_s": ntok / dt,
+                    "step_time_s": dt, "epoch": self.batches.epoch, "peak_memory_gb": mx.get_peak_memory() / 1e9}
+            if cfg.phase == "hsd":
+                last.update({"l_text": float(lt_sum) / max(n_text, 1.0), "l_img": float(li_sum) / max(n_img, 1.0),
+                             "lr_align": lrs[1], "coverage": n_text / ntok, "aligned_pairs": int(n_text)})
+            loss = last["loss"]
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / dt:.0f}", lr=f"{lrs[1]:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / dt:.0f}", lr=f"{lrs[2]:.2e}")
             bar.update(1)
             if cfg.eval_every and self.eval_set is not None and self.step % cfg.eval_every == 0:
                 self._log_eval(metrics_path)
@@ -306,6 +395,8 @@ class Trainer:
         with atomic_dir(self.ckpt_dir) as tmp:
             save_adapter(self.model, tmp, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_keys))
             mx.save_safetensors(str(tmp / "optimizer.safetensors"), dict(tree_flatten(self.optimizer.state)))
+            if "align" in self.model:
+                mx.save_safetensors(str(tmp / "align.safetensors"), dict(tree_flatten(self.model.align.parameters())))
             state = {"step": self.step, "total_steps": self.total_steps, "data": self.batches.state(),
                      "data_sha256": self.data_sha, "phase": cfg.phase, "model": cfg.model,
                      "skipped": dict(self.train_set.skipped)}
@@ -322,6 +413,8 @@ class Trainer:
         w = dict(mx.load(str(d / "adapters.safetensors")))
         self.model.language_model.load_weights(list(w.items()), strict=False)
         self.model.load_weights(list(mx.load(str(d / "projector.safetensors")).items()), strict=False)
+        if "align" in self.model:
+            self.model.align.load_weights(list(mx.load(str(d / "align.safetensors")).items()))
         self.optimizer.state = tree_unflatten(list(mx.load(str(d / "optimizer.safetensors")).items()))
         self.batches.load_state(st["data"])
         self.step = int(st["step"])

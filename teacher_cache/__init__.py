@@ -5,10 +5,13 @@ PyTorch + transformers; never imports mlx. The student side reads the shards wit
 """
 
 import os
+import sys
 
 # The prompting code lives in bonsai_mlx (framework-free); importing that package must not load a BLAS for MLX
-# into this PyTorch process.
-os.environ.setdefault("BONSAI_BLAS", "none")
+# into this PyTorch process (unless bonsai_mlx is already in use here, as in the tests).
+if "bonsai_mlx" not in sys.modules:
+    os.environ.setdefault("BONSAI_BLAS", "none")
+
+from bonsai_mlx.prompting import PROMPT_TEMPLATE_VERSION  # noqa: E402,F401  (one source for both sides)
 
 FORMAT_VERSION = 1
-PROMPT_TEMPLATE_VERSION = "vicuna_v1+chatml-qwen/1"
