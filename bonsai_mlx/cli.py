@@ -372,9 +372,10 @@ def export(model, adapter, out, dtype, shard_size, peft, force):
     click.echo(f"exported to {out}")
 
 
-def main():
+def run_click(group) -> None:
+    """Run a click group; a BonsaiError (a user mistake) becomes one line on stderr and exit code 1."""
     try:
-        cli(standalone_mode=False)
+        group(standalone_mode=False)
     except BonsaiError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
@@ -384,6 +385,10 @@ def main():
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
+
+
+def main():
+    run_click(cli)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
 from bonsai_mlx.hub import BonsaiError
@@ -133,11 +131,6 @@ def verify(cache_dir):
 
 
 def main():
-    try:
-        cli(standalone_mode=False)
-    except BonsaiError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
+    from bonsai_mlx.cli import run_click  # click + stdlib only; no mlx
+
+    run_click(cli)

@@ -13,7 +13,6 @@ CACHE_DIR/
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -22,13 +21,7 @@ from typing import Dict, List, Optional
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+from bonsai_mlx.data import file_sha256 as sha256_file  # noqa: E402  (framework-free)
 
 
 def quantize_rows(x: np.ndarray):
