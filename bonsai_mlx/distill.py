@@ -35,12 +35,10 @@ class TeacherCache:
                                   "and check it with `python -m teacher_cache verify`)")
         from safetensors.numpy import load_file
 
-        self._load_file = load_file
         self.manifest = json.loads((self.dir / "manifest.json").read_text())
         self.index = {int(k): tuple(v) for k, v in json.loads((self.dir / "index.json").read_text()).items()}
         self.stats = load_file(str(self.dir / "stats.safetensors"))
-        self._name: Optional[str] = None
-        self._shard: Optional[dict] = None
+        self._handles: Dict[str, object] = {}
 
     @property
     def layers(self) -> List[int]:
@@ -68,27 +66,31 @@ class TeacherCache:
                 raise BonsaiError(f"teacher cache {self.dir} does not match this run: {field} is {got.get(field)!r} in "
                                   f"the manifest, {want!r} here; rebuild the cache for this student and data")
 
-    def _shard_of(self, name: str) -> dict:
-        if name != self._name:
-            self._shard, self._name = self._load_file(str(self.dir / name)), name
-        return self._shard
+    def _open(self, name: str):
+        # Memory-mapped, sliced reads: a sample costs its own bytes, not its (up to 2 GB) shard's.
+        if name not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[name] = safe_open(str(self.dir / name), framework="numpy")
+        return self._handles[name]
 
     def get(self, sample_index: int, text_layers, image_layers) -> dict:
         name, row = self.index[sample_index]
-        sh = self._shard_of(name)
-        a, b = int(sh["text_offsets"][row]), int(sh["text_offsets"][row + 1])
-        out = {"positions": sh["text_positions"][a:b].astype(np.int64), "text": {}, "image": {}}
+        f = self._open(name)
+        a, b = (int(x) for x in f.get_slice("text_offsets")[row : row + 2])
+        out = {"positions": f.get_slice("text_positions")[a:b].astype(np.int64), "text": {}, "image": {}}
+        keys = set(f.keys())
         for k in text_layers:
-            out["text"][k] = _dq(sh, f"text.L{k}", f"text_scale.L{k}", slice(a, b))
+            out["text"][k] = _dq(f, keys, f"text.L{k}", f"text_scale.L{k}", slice(a, b))
         for k in image_layers:
-            out["image"][k] = _dq(sh, f"image.L{k}", f"image_scale.L{k}", row)
+            out["image"][k] = _dq(f, keys, f"image.L{k}", f"image_scale.L{k}", slice(row, row + 1))[0]
         return out
 
 
-def _dq(sh, name, scale_name, sl) -> np.ndarray:
-    x = sh[name][sl]
-    if x.dtype == np.int8:
-        return x.astype(np.float32) * sh[scale_name][sl][..., None]
+def _dq(f, keys, name, scale_name, sl) -> np.ndarray:
+    x = f.get_slice(name)[sl]
+    if scale_name in keys:  # int8 storage with a per-row scale
+        return x.astype(np.float32) * f.get_slice(scale_name)[sl][..., None]
     return x.astype(np.float32)
 
 

@@ -170,8 +170,12 @@ def test_fuse_equals_adapter(setup, tmp_path):
     root, student, data = setup
     cfg = TrainConfig(model=str(student), data=str(data), image_root=str(data.parent / "images"),
                       out=str(tmp_path / "run"), max_steps=3, batch_size=4, lr=1e-2, lr_projector=1e-2, warmup=0.0,
-                      quantize="none")
+                      quantize="none", eval_data=str(data), eval_every=2)
     Trainer(cfg, log=lambda m: None).train()
+    evals = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+             if '"split": "eval"' in x]
+    assert [e["step"] for e in evals] == [2, 3] and evals[0]["samples"] == 48
+    assert abs(evals[-1]["perplexity"] - np.exp(evals[-1]["loss"])) < 1e-6 * evals[-1]["perplexity"]
     from bonsai_mlx.generate import load
 
     model, processor = load(student, adapter=tmp_path / "run" / "checkpoint")
