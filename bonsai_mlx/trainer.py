@@ -207,9 +207,21 @@ def _is_align(path: str, _grad) -> bool:
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
         cfg.validate()
+        # Data parallel under `mlx.launch` (one process: a group of size 1). Only rank 0 logs and writes.
+        self.group = mx.distributed.init()
+        self.rank, self.world = self.group.rank(), self.group.size()
+        if self.rank != 0:
+            log = lambda m: None  # noqa: E731
         self.cfg, self.log = cfg, log
         self.out = Path(cfg.out)
         self.ckpt_dir = self.out / "checkpoint"
+        # --batch-size is per rank; the global batch and the data order are what a checkpoint keeps, so a run can
+        # resume on another number of ranks.
+        saved = self._read_state() if resume else None
+        global_batch = saved["global_batch"] if saved else cfg.batch_size * self.world
+        if global_batch % self.world:
+            raise BonsaiError(f"the checkpoint's global batch {global_batch} does not split over {self.world} ranks")
+        cfg.batch_size = global_batch // self.world
         model_path = resolve(cfg.model)
         from transformers import AutoTokenizer
 
@@ -227,8 +239,8 @@ class Trainer:
             extras = self._setup_hsd(model_path)
         log(self.train_set.report())
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.batches = BatchIterator(self.train_set, cfg.batch_size, cfg.seed, self.image_processor, pad,
-                                     extras=extras)
+        self.batches = BatchIterator(self.train_set, global_batch, cfg.seed, self.image_processor, pad,
+                                     rank=self.rank, world=self.world, extras=extras)
         self.eval_set = None
         if cfg.eval_data:
             self.eval_set = SFTDataset(read_records(cfg.eval_data), self.tokenizer, cfg.image_root,
@@ -307,56 +319,35 @@ class Trainer:
         from tqdm import tqdm
 
         cfg = self.cfg
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         metrics_path = self.out / "metrics.jsonl"
-        self._truncate_metrics(metrics_path)
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            self._truncate_metrics(metrics_path)
         kill_after = int(os.environ.get("BONSAI_KILL_AFTER_STEP", "0"))  # test hook: SIGKILL after this step
         self.model.train()
         it = iter(self.batches)
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {cfg.phase}", unit="step",
-                   dynamic_ncols=True, disable=None)
+                   dynamic_ncols=True, disable=None if self.rank == 0 else True)
         t_start = time.perf_counter()
-        tokens_seen = 0
         last = {}
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             # The RNG (LoRA dropout) is reseeded from (seed, step) every step, so a resumed run draws the same
             # masks as an unbroken one without saving generator state.
             mx.random.seed(step_seed(cfg.seed, self.step))
-            # the whole accumulated batch first: each term is a mean over all of it
-            from .distill import counts
-
-            micro = [b for b in (next(it) for _ in range(cfg.grad_accum))
-                     if b.input_ids.shape[0] > 0 and b.num_targets > 0]
-            if not micro:
+            rec = self._optimizer_step([next(it) for _ in range(cfg.grad_accum)], t0)
+            if rec is None:
                 continue
-            ntok = float(sum(b.num_targets for b in micro))
-            n_text = float(sum(counts(b.extra)[0] for b in micro))
-            n_img = float(sum(counts(b.extra)[1] for b in micro))
-            norms = mx.array([ntok, n_text, n_img], dtype=mx.float32)
-            grads, loss, ce_sum, lt_sum, li_sum = None, 0.0, 0.0, 0.0, 0.0
-            for batch in micro:
-                (lv, (ce, lt, li)), g = self.micro_step(batch, norms)
-                grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-                loss, ce_sum, lt_sum, li_sum = loss + lv, ce_sum + ce, lt_sum + lt, li_sum + li
-            nseq = sum(b.input_ids.shape[0] for b in micro)
-            self.optimizer.update(self.model, grads)
-            mx.eval(self.model.parameters(), self.optimizer.state, loss, ce_sum, lt_sum, li_sum)
-            self.step += 1
-            dt = time.perf_counter() - t0
-            tokens_seen += ntok
-            lrs = [float(o.learning_rate) for o in self.optimizer.optimizers]
-            last = {"step": self.step, "loss": float(loss), "ce": float(ce_sum) / ntok, "lr": lrs[2],
-                    "lr_projector": lrs[0], "tokens": int(ntok), "sequences": nseq, "tokens_per_s": ntok / dt,
-                    "step_time_s": dt, "epoch": self.batches.epoch, "peak_memory_gb": mx.get_peak_memory() / 1e9}
-            if cfg.phase == "hsd":
-                last.update({"l_text": float(lt_sum) / max(n_text, 1.0), "l_img": float(li_sum) / max(n_img, 1.0),
-                             "lr_align": lrs[1], "coverage": n_text / ntok, "aligned_pairs": int(n_text)})
-            loss = last["loss"]
+            last = rec
+            if self.rank != 0:
+                if kill_after and self.step == kill_after:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                continue
+            loss, ntok, dt = rec["loss"], rec["tokens"], rec["step_time_s"]
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
-            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / dt:.0f}", lr=f"{lrs[2]:.2e}")
+            bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{ntok / dt:.0f}", lr=f"{rec['lr']:.2e}")
             bar.update(1)
             if cfg.eval_every and self.eval_set is not None and self.step % cfg.eval_every == 0:
                 self._log_eval(metrics_path)
@@ -365,6 +356,8 @@ class Trainer:
             if kill_after and self.step == kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
         bar.close()
+        if self.rank != 0:
+            return last
         if self.eval_set is not None:
             self._log_eval(metrics_path)
         self.save_checkpoint()
@@ -373,6 +366,58 @@ class Trainer:
         self.log(f"done: {self.step} steps in {elapsed:.1f}s; final loss {last.get('loss', float('nan')):.4f}; "
                  f"checkpoint {self.ckpt_dir}" + (f"; skipped {skipped}" if skipped else ""))
         return last
+
+    def _all_sum(self, x):
+        return mx.distributed.all_sum(x, group=self.group) if self.world > 1 else x
+
+    def _optimizer_step(self, batches, t0: float) -> Optional[dict]:
+        """Accumulate the micro-batches' gradients (sums across ranks), update, and return the step's metrics.
+
+        Each term is a mean over the whole accumulated global batch: the supervised-token, aligned-pair and
+        image-position counts are summed first (over micro-batches and ranks) and every micro-batch's loss is
+        divided by them, so the gradients simply add up.
+        """
+        from .distill import counts
+
+        micro = [b for b in batches if b.input_ids.shape[0] > 0 and b.num_targets > 0]
+        local = [float(sum(b.num_targets for b in micro)), float(sum(counts(b.extra)[0] for b in micro)),
+                 float(sum(counts(b.extra)[1] for b in micro))]
+        norms = self._all_sum(mx.array(local, dtype=mx.float32))
+        ntok, n_text, n_img = (float(x) for x in norms.tolist())
+        if ntok == 0:
+            return None
+        grads, sums = None, [0.0, 0.0, 0.0, 0.0]
+        for batch in micro:
+            (lv, (ce, lt, li)), g = self.micro_step(batch, norms)
+            grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
+            sums = [sums[0] + lv, sums[1] + ce, sums[2] + lt, sums[3] + li]
+        if self.world > 1:
+            if grads is None:  # this rank's share was empty: it still takes part in the sums
+                grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+            grads = tree_map(self._all_sum, grads)
+            sums = list(self._all_sum(mx.stack([mx.array(x, dtype=mx.float32) for x in sums])))
+        self.optimizer.update(self.model, grads)
+        mx.eval(self.model.parameters(), self.optimizer.state, *sums)
+        self.step += 1
+        dt = time.perf_counter() - t0
+        loss, ce_sum, lt_sum, li_sum = (float(x) for x in sums)
+        lrs = [float(o.learning_rate) for o in self.optimizer.optimizers]
+        rec = {"step": self.step, "loss": loss, "ce": ce_sum / ntok, "lr": lrs[2], "lr_projector": lrs[0],
+               "tokens": int(ntok), "sequences": sum(b.input_ids.shape[0] for b in micro) * self.world,
+               "tokens_per_s": ntok / dt, "step_time_s": dt, "epoch": self.batches.epoch,
+               "peak_memory_gb": mx.get_peak_memory() / 1e9}
+        if self.cfg.phase == "hsd":
+            rec.update({"l_text": lt_sum / max(n_text, 1.0), "l_img": li_sum / max(n_img, 1.0), "lr_align": lrs[1],
+                        "coverage": n_text / ntok, "aligned_pairs": int(n_text)})
+        return rec
+
+    def _read_state(self) -> Optional[dict]:
+        f = self.ckpt_dir / "trainer_state.json"
+        if not f.exists():
+            return None
+        st = json.loads(f.read_text())
+        st.setdefault("global_batch", st.get("batch_size", self.cfg.batch_size))
+        return st
 
     def _log_eval(self, metrics_path: Path) -> None:
         res = evaluate_loss(self.model, self.eval_set, self.image_processor, self.batches.pad_id, self.cfg.batch_size)
@@ -398,6 +443,7 @@ class Trainer:
             if "align" in self.model:
                 mx.save_safetensors(str(tmp / "align.safetensors"), dict(tree_flatten(self.model.align.parameters())))
             state = {"step": self.step, "total_steps": self.total_steps, "data": self.batches.state(),
+                     "global_batch": self.batches.batch_size, "world_size_at_save": self.world,
                      "data_sha256": self.data_sha, "phase": cfg.phase, "model": cfg.model,
                      "skipped": dict(self.train_set.skipped)}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
