@@ -35,7 +35,8 @@ def plot_metrics(run_dir, out: Optional[str] = None) -> Path:
     if not train:
         raise BonsaiError(f"{run_dir}: metrics.jsonl has no training steps yet")
     loss_keys = [k for k in ("loss", "ce", "l_text", "l_img") if any(k in r for r in train)]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    has_cov = any("coverage" in r for r in train)
+    fig, axes = plt.subplots(1, 4 if has_cov else 3, figsize=(20 if has_cov else 15, 4))
     for k in loss_keys:
         pts = [(r["step"], r[k]) for r in train if k in r]
         axes[0].plot(*zip(*pts, strict=True), label=f"train {k}", lw=1)
@@ -54,6 +55,11 @@ def plot_metrics(run_dir, out: Optional[str] = None) -> Path:
     axes[2].plot([r["step"] for r in train], [r.get("tokens_per_s", 0) for r in train], lw=1)
     axes[2].set_xlabel("step")
     axes[2].set_title("supervised tokens / s")
+    if has_cov:
+        axes[3].plot([r["step"] for r in train], [r.get("coverage", 0) for r in train], lw=1)
+        axes[3].set_xlabel("step")
+        axes[3].set_ylim(0, 1.05)
+        axes[3].set_title("alignment coverage (pairs / answer tokens)")
     fig.tight_layout()
     path = Path(out) if out else Path(run_dir) / "curves.png"
     fig.savefig(path, dpi=100)

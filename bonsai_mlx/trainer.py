@@ -107,6 +107,11 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "lora_rank", "max_seq_len"):
             if int(getattr(self, name)) < 1:
                 raise BonsaiError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.grad_checkpoint and self.lora_dropout > 0:
+            # mx.checkpoint recomputes each block in the backward pass, drawing new dropout masks there: the
+            # gradients would belong to another forward than the loss. (mlx-lm's grad_checkpoint has the same trait.)
+            raise BonsaiError("--grad-checkpoint needs --lora-dropout 0 (the recomputed blocks would draw new "
+                              "dropout masks, so gradients would not match the loss)")
         if not 0 <= self.warmup < 1:
             raise BonsaiError(f"--warmup is a ratio of the total steps in [0, 1), got {self.warmup}")
 

@@ -189,3 +189,20 @@ def test_fuse_equals_adapter(setup, tmp_path):
     assert np.abs(np.array(fused(ids, pix)) - want).max() <= 1e-5
     with pytest.raises(BonsaiError):
         TrainConfig(model="m", data="d", out="o", max_steps=3, epochs=1.0).validate()
+
+
+def test_grad_checkpoint_and_epochs(setup, tmp_path):
+    """--grad-checkpoint recomputes blocks in backward: the same losses (dropout off); --epochs sets the steps."""
+    root, student, data = setup
+    base = ["train", "--model", str(student), "--data", str(data), "--image-root", str(data.parent / "images"),
+            "--epochs", "0.5", "--batch-size", "4", "--lr", "3e-3", "--lr-projector", "3e-3", "--lora-dropout", "0"]
+    assert cli(*base, "--out", str(tmp_path / "a")).returncode == 0
+    r = cli(*base, "--out", str(tmp_path / "b"), "--grad-checkpoint")
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = metrics(tmp_path / "a"), metrics(tmp_path / "b")
+    assert len(a) == 6  # 48 records / batch 4 = 12 steps per epoch
+    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)) <= 1e-5
+    # with dropout the recomputed blocks would draw new masks: refused
+    r = cli(*[x for x in base if x not in ("--lora-dropout", "0")], "--out", str(tmp_path / "c"), "--grad-checkpoint")
+    assert r.returncode == 1 and "--lora-dropout 0" in r.stderr
+
