@@ -222,6 +222,8 @@ class Trainer:
         self.ckpt_dir = self.out / "checkpoint"
         # --batch-size is per rank; the global batch and the data order are what a checkpoint keeps, so a run can
         # resume on another number of ranks.
+        if not resume and (self.ckpt_dir / "trainer_state.json").exists():
+            raise BonsaiError(f"{self.out} already holds a run; pass --resume to continue it or choose another --out")
         saved = self._read_state() if resume else None
         global_batch = saved["global_batch"] if saved else cfg.batch_size * self.world
         if global_batch % self.world:
