@@ -25,7 +25,8 @@ def __getattr__(name):
 
         return getattr(model, name)
     if name in ("load", "generate", "stream_generate"):
-        from . import generate as _generate
+        import importlib
 
-        return getattr(_generate, name)
+        # import_module, not `from . import generate`: that would look the attribute up here first and recurse
+        return getattr(importlib.import_module(".generate", __name__), name)
     raise AttributeError(f"module 'bonsai_mlx' has no attribute {name!r}")

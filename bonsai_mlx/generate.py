@@ -14,6 +14,7 @@ API in the style of mlx-lm:
 from __future__ import annotations
 
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -204,3 +205,14 @@ def generate(model: LlavaModel, processor: Processor, prompt: str, image=None, v
 
 def list_images(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+class _CallableModule(type(sys.modules[__name__])):
+    """`bonsai_mlx.generate` names both this module and the function (as in mlx-lm). Once the submodule is imported,
+    Python binds the package attribute to the module, so the module forwards calls to the function."""
+
+    def __call__(self, *args, **kwargs):
+        return generate(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -179,3 +179,14 @@ def test_info_counts_match_transformers(student):
     mem = info["memory_bytes"]
     assert mem["float32"] > mem["bfloat16"] > mem["8-bit"] > mem["4-bit"]
     assert info["image_tokens"] == 16 and info["context_length"] == 512
+
+
+def test_python_api_in_the_style_of_mlx_lm(student):
+    import bonsai_mlx
+    import bonsai_mlx.generate as gen_module  # the submodule import must not shadow the function
+
+    d, _ = student
+    model, processor = bonsai_mlx.load(str(d))
+    a = bonsai_mlx.generate(model, processor, "Describe it.", max_tokens=5)
+    b = gen_module.generate(model, processor, "Describe it.", max_tokens=5)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 5 and isinstance(a.text, str)
