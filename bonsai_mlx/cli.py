@@ -372,6 +372,30 @@ def export(model, adapter, out, dtype, shard_size, peft, force):
     click.echo(f"exported to {out}")
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the measurements as one JSON object.")
+def doctor(as_json):
+    """MLX version and device, the BLAS in use, measured GEMM / 4-bit GFLOP/s and memory bandwidth, and what they
+    mean for speed (decode ceilings, prefill estimate for the 0.5 B language model)."""
+    import json
+
+    from .doctor import advice, report
+
+    r = report()
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    click.echo(f"MLX {r['mlx']} on {r['device']} ({r['platform']})")
+    click.echo(f"BLAS: {r['blas']}")
+    click.echo(f"f32 GEMM {r['gemm_f32_gflops']:.1f} GFLOP/s | 4-bit matmul {r['q4_matmul_gflops']:.1f} GFLOP/s | "
+               f"memory read {r['read_bandwidth_gbs']:.1f} GB/s")
+    click.echo(f"Qwen2.5-0.5B decode ceiling: {r['decode_ceiling_f32_tok_s']:.1f} tok/s at float32, "
+               f"{r['decode_ceiling_4bit_tok_s']:.1f} tok/s at 4 bits; prefill ~{r['prefill_estimate_f32_tok_s']:.0f} "
+               "tok/s at float32 (GEMM-bound)")
+    for line in advice(r):
+        click.echo(f"advice: {line}")
+
+
 def run_click(group) -> None:
     """Run a click group; a BonsaiError (a user mistake) becomes one line on stderr and exit code 1."""
     try:

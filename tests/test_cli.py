@@ -71,3 +71,15 @@ def test_prompting_module_imports_without_mlx(tmp_path):
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and "<image>" in r.stdout, r.stderr
+
+
+def test_doctor_measures(tmp_path):
+    import json
+
+    r = run("doctor", "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["gemm_f32_gflops"] > 0 and d["q4_matmul_gflops"] > 0 and d["read_bandwidth_gbs"] > 0
+    assert d["decode_ceiling_4bit_tok_s"] > d["decode_ceiling_f32_tok_s"]
+    r = run("doctor", "--json", env={"BONSAI_BLAS": "none"})
+    assert json.loads(r.stdout)["blas"].startswith("disabled")
