@@ -229,6 +229,9 @@ def quantize_language_model(model: LlavaModel, bits: int = 4, group_size: int = 
         return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
 
     nn.quantize(model.language_model, group_size=group_size, bits=bits, class_predicate=predicate)
+    from .policy import use_cpu_kernels
+
+    use_cpu_kernels(model.language_model)
     q = {"group_size": group_size, "bits": bits, "mode": "affine"}
     model.config.quantization = q
     return q
@@ -282,6 +285,10 @@ def load_model(
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:
         raise BonsaiError(f"weights in {model_path} do not match its config.json: {e}") from None
+    from .policy import upcast_for_cpu, use_cpu_kernels
+
+    upcast_for_cpu(model)  # see policy.py: on the CPU, half-precision matmuls are ~30x slower than float32
+    use_cpu_kernels(model.language_model)
     if quantize and not config.quantization:
         quantize_language_model(model, bits=quantize, group_size=group_size)
     if not lazy:

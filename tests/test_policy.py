@@ -1,0 +1,45 @@
+"""The CPU execution policy changes speed, not results."""
+
+import os
+import subprocess
+import sys
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from conftest import build_llava, image_token_id
+
+from bonsai_mlx.model import load_model
+from bonsai_mlx.policy import PREFILL_ROWS, CPUQuantizedLinear
+
+
+def test_dequantized_prefill_equals_quantized_kernel(tmp_path, tokenizer):
+    d, _ = build_llava(tmp_path / "m", tokenizer)
+    model = load_model(d, quantize=4)
+    layer = model.language_model.model.layers[0].mlp.down_proj
+    assert type(layer) is CPUQuantizedLinear
+    ids = mx.array([[3, 4] + [image_token_id(tokenizer)] * 16 + list(range(5, 5 + 3 * PREFILL_ROWS))])
+    pix = mx.array(np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32))
+    with_policy = np.array(model(ids, pix))
+    for _, m in model.named_modules():
+        if type(m) is CPUQuantizedLinear:
+            m.__class__ = nn.QuantizedLinear  # the plain quantized kernels
+    plain = np.array(model(ids, pix))
+    assert np.abs(with_policy - plain).max() <= 1e-4
+    assert not np.array_equal(with_policy, plain) or PREFILL_ROWS > ids.shape[1]  # the other path really ran
+
+
+def test_bf16_checkpoint_is_upcast_on_cpu(tmp_path, tokenizer):
+    d, _ = build_llava(tmp_path / "m", tokenizer)
+    m = load_model(d)
+    m.set_dtype(mx.bfloat16)
+    from bonsai_mlx.model import save_model
+
+    save_model(m, tmp_path / "bf16", extra_files_from=d)
+    code = ("import bonsai_mlx, mlx.core as mx; from bonsai_mlx.model import load_model; "
+            f"m = load_model({str(tmp_path / 'bf16')!r}); "
+            "print(m.language_model.model.layers[0].mlp.down_proj.weight.dtype)")
+    on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=dict(os.environ, BONSAI_CPU_POLICY="off"))
+    assert on.stdout.strip() == "mlx.core.float32" and off.stdout.strip() == "mlx.core.bfloat16", (on, off)
