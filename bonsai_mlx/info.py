@@ -16,6 +16,18 @@ from .hub import resolve
 from .model import load_model, quantize_language_model
 
 
+def _file_dtypes(path) -> set:
+    """Dtypes in a safetensors file, from its JSON header (no tensor is read)."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+    names = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "U32": "uint32", "I32": "int32"}
+    return {names.get(v["dtype"], v["dtype"].lower()) for k, v in header.items() if k != "__metadata__"}
+
+
 def _count(module) -> int:
     return sum(v.size for _, v in tree_flatten(module.parameters()))
 
@@ -41,7 +53,7 @@ def model_info(path_or_repo: str, adapter: Optional[str] = None) -> dict:
         params["lora"] = lora
     params["total"] = sum(params.values())
     files = list(Path(path).glob("*.safetensors"))
-    dtypes = sorted({str(v.dtype).replace("mlx.core.", "") for _, v in tree_flatten(model.parameters())})
+    dtypes = sorted({dt for f in files for dt in _file_dtypes(f)})  # as stored (loading may upcast on the CPU)
 
     memory = {}
     if cfg.quantization is not None:  # a quantized checkpoint: report what it is
