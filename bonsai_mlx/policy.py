@@ -3,9 +3,12 @@
 On the CPU (Linux `mlx[cpu]`; measured on a 2-core EPYC with OpenBLAS, 200×896 @ 896×4864):
 - float32 GEMM 11 ms, bfloat16 349 ms: MLX's CPU half-precision matmuls do not reach BLAS → weights that are not
   quantized run in float32 (a bf16 checkpoint is upcast at load);
-- 4-bit `quantized_matmul` 970 ms (scalar kernels) vs dequantize + float32 GEMM 27 ms → quantized layers keep their
-  4-bit weights in memory (what `--quantize` promises) but multiply many-row inputs (prefill, training) through a
-  transient dequantized copy; single rows (decode: 4.3 ms vs 11 ms) stay on the quantized kernel.
+- 4-bit `quantized_matmul` 970 ms (scalar kernels) vs dequantize + float32 GEMM 27 ms → quantized layers (and the
+  tied LM head) keep their 4-bit weights in memory (what `--quantize` promises) but multiply many-row inputs
+  (prefill, training) through a transient dequantized copy; single rows (decode: 4.3 ms vs 11 ms) stay on the
+  quantized kernel. Measured (bench/): 4-bit TTFT 4.7 s for 240 prompt tokens; a 4-bit 512-token training step
+  306 s → 18 s, but its peak memory 4.9 → 7.4 GB (the dequantized copies live until the backward pass), so for
+  memory-bound CPU training set BONSAI_CPU_POLICY=off.
 On an Apple GPU none of this applies: 4-bit `quantized_matmul` is the fast path and nothing changes.
 The policy never changes results beyond floating-point tolerance (tests/test_policy.py). BONSAI_CPU_POLICY=off
 turns it off (to measure it).
@@ -24,6 +27,11 @@ def on_cpu() -> bool:
     return mx.default_device() == mx.cpu
 
 
+def dequantized_matmul(x, wq, scales, biases, group_size: int, bits: int) -> mx.array:
+    """x @ dequantize(W).T in the input's dtype."""
+    return x @ mx.dequantize(wq, scales, biases, group_size, bits).astype(x.dtype).T
+
+
 class CPUQuantizedLinear(nn.QuantizedLinear):
     """A QuantizedLinear whose many-row products go through a dequantized weight on the CPU."""
 
@@ -31,11 +39,20 @@ class CPUQuantizedLinear(nn.QuantizedLinear):
         rows = x.size // x.shape[-1]
         if rows < PREFILL_ROWS or not on_cpu() or getattr(self, "mode", "affine") != "affine":
             return super().__call__(x)
-        w = mx.dequantize(self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
-        y = x @ w.astype(x.dtype).T
+        y = dequantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
         if "bias" in self:
             y = y + self["bias"]
         return y
+
+
+class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    """The tied LM head (`as_linear`) of a quantized embedding, with the same many-row CPU path."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if rows < PREFILL_ROWS or not on_cpu() or getattr(self, "mode", "affine") != "affine":
+            return super().as_linear(x)
+        return dequantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
 
 
 def enabled() -> bool:
@@ -45,13 +62,17 @@ def enabled() -> bool:
 
 
 def use_cpu_kernels(module: nn.Module) -> int:
-    """Give the module's QuantizedLinear layers the CPU prefill path (a no-op on a GPU, decided per call)."""
+    """Give the module's quantized layers (linears, tied LM head) the CPU many-row path (a no-op on a GPU,
+    decided per call)."""
     n = 0
     if not enabled():
         return n
     for _, m in module.named_modules():
         if type(m) is nn.QuantizedLinear:
             m.__class__ = CPUQuantizedLinear
+            n += 1
+        elif type(m) is nn.QuantizedEmbedding:
+            m.__class__ = CPUQuantizedEmbedding
             n += 1
     return n
 

@@ -10,7 +10,7 @@ import numpy as np
 from conftest import build_llava, image_token_id
 
 from bonsai_mlx.model import load_model
-from bonsai_mlx.policy import PREFILL_ROWS, CPUQuantizedLinear
+from bonsai_mlx.policy import PREFILL_ROWS, CPUQuantizedEmbedding, CPUQuantizedLinear
 
 
 def test_dequantized_prefill_equals_quantized_kernel(tmp_path, tokenizer):
@@ -18,12 +18,15 @@ def test_dequantized_prefill_equals_quantized_kernel(tmp_path, tokenizer):
     model = load_model(d, quantize=4)
     layer = model.language_model.model.layers[0].mlp.down_proj
     assert type(layer) is CPUQuantizedLinear
+    assert type(model.language_model.model.embed_tokens) is CPUQuantizedEmbedding
     ids = mx.array([[3, 4] + [image_token_id(tokenizer)] * 16 + list(range(5, 5 + 3 * PREFILL_ROWS))])
     pix = mx.array(np.random.default_rng(0).standard_normal((1, 32, 32, 3)).astype(np.float32))
     with_policy = np.array(model(ids, pix))
     for _, m in model.named_modules():
         if type(m) is CPUQuantizedLinear:
             m.__class__ = nn.QuantizedLinear  # the plain quantized kernels
+        elif type(m) is CPUQuantizedEmbedding:
+            m.__class__ = nn.QuantizedEmbedding
     plain = np.array(model(ids, pix))
     assert np.abs(with_policy - plain).max() <= 1e-4
     assert not np.array_equal(with_policy, plain) or PREFILL_ROWS > ids.shape[1]  # the other path really ran
