@@ -7,7 +7,7 @@ On the CPU (Linux `mlx[cpu]`; measured on a 2-core EPYC with OpenBLAS, 200×896 
   tied LM head) keep their 4-bit weights in memory (what `--quantize` promises) but multiply many-row inputs
   (prefill, training) through a transient dequantized copy; single rows (decode: 4.3 ms vs 11 ms) stay on the
   quantized kernel. Measured (bench/): 4-bit TTFT 4.7 s for 240 prompt tokens; a 4-bit 512-token training step
-  306 s → 18 s, but its peak memory 4.9 → 7.4 GB (the dequantized copies live until the backward pass), so for
+  306 s → 19 s, but its peak memory 4.9 → 7.4 GB (the dequantized copies live until the backward pass), so for
   memory-bound CPU training set BONSAI_CPU_POLICY=off.
 On an Apple GPU none of this applies: 4-bit `quantized_matmul` is the fast path and nothing changes.
 The policy never changes results beyond floating-point tolerance (tests/test_policy.py). BONSAI_CPU_POLICY=off
