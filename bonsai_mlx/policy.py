@@ -1,11 +1,11 @@
 """Execution policy per device, chosen from measurements (bench/cpu_inference.py, `bonsai-mlx doctor`).
 
-On the CPU (Linux `mlx[cpu]`; measured on a 2-core EPYC with OpenBLAS, 200×896 @ 896×4864):
-- float32 GEMM 11 ms, bfloat16 349 ms: MLX's CPU half-precision matmuls do not reach BLAS → weights that are not
+On the CPU (Linux `mlx[cpu]`; `python bench/cpu_kernels.py` on a 2-core EPYC with OpenBLAS, 200×896 @ 896×4864):
+- float32 GEMM 9.8 ms, bfloat16 311 ms: MLX's CPU half-precision matmuls do not reach BLAS → weights that are not
   quantized run in float32 (a bf16 checkpoint is upcast at load);
-- 4-bit `quantized_matmul` 970 ms (scalar kernels) vs dequantize + float32 GEMM 27 ms → quantized layers (and the
+- 4-bit `quantized_matmul` 749 ms (scalar kernels) vs dequantize + float32 GEMM 18.7 ms → quantized layers (and the
   tied LM head) keep their 4-bit weights in memory (what `--quantize` promises) but multiply many-row inputs
-  (prefill, training) through a transient dequantized copy; single rows (decode: 4.3 ms vs 11 ms) stay on the
+  (prefill, training) through a transient dequantized copy; single rows (decode: 3.8 ms vs 10.0 ms) stay on the
   quantized kernel. Measured (bench/): 4-bit TTFT 4.7 s for 240 prompt tokens; a 4-bit 512-token training step
   306 s → 19 s, but its peak memory 4.9 → 7.4 GB (the dequantized copies live until the backward pass), so for
   memory-bound CPU training set BONSAI_CPU_POLICY=off.
