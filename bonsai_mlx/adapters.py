@@ -4,7 +4,9 @@ A checkpoint directory holds
 - `adapter_config.json` + `adapters.safetensors`: mlx-lm's own LoRA adapter format for the language model (keys
   relative to the LM, `model.layers.N.self_attn.q_proj.lora_a`; `lora_parameters` with rank/scale/dropout/keys), so
   mlx-lm's `load_adapters` applies them and `mlx_lm.generate --adapter-path` could run the LM alone;
-- `projector.safetensors`: the trained `multi_modal_projector.*` weights.
+- `projector.safetensors`: the trained `multi_modal_projector.*` weights;
+- `weights.safetensors` (only with `--train-vision` / `--train-lm full`): every trained weight of the vision tower
+  and/or the language model, under the model's own parameter names.
 """
 
 from __future__ import annotations
@@ -58,6 +60,24 @@ def save_adapter(model: LlavaModel, out_dir: Union[str, Path], config: dict) -> 
         (out_dir / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     proj = {f"multi_modal_projector.{k}": v for k, v in tree_flatten(model.multi_modal_projector.parameters())}
     mx.save_safetensors(str(out_dir / "projector.safetensors"), proj, metadata={"format": "mlx"})
+    full = full_trained_weights(model)
+    if full:
+        mx.save_safetensors(str(out_dir / "weights.safetensors"), full, metadata={"format": "mlx"})
+
+
+def full_trained_weights(model: LlavaModel) -> dict:
+    """Trainable weights of the vision tower and LM that are not LoRA factors (full training)."""
+    return {k: v for k, v in tree_flatten(model.trainable_parameters())
+            if k.startswith(("vision_tower.", "language_model.")) and k.rsplit(".", 1)[-1] not in ("lora_a", "lora_b")}
+
+
+def load_full_weights(model: LlavaModel, path: Path) -> None:
+    w = mx.load(str(path))
+    expected = dict(tree_flatten(model.parameters()))
+    bad = sorted(k for k, v in w.items() if k not in expected or expected[k].shape != v.shape)
+    if bad:
+        raise BonsaiError(f"{path} does not fit this model (e.g. {bad[:3]}); was it trained on another student?")
+    model.load_weights(list(w.items()), strict=False)
 
 
 def apply_adapter(model: LlavaModel, adapter_dir: Union[str, Path], projector: Optional[bool] = None) -> LlavaModel:
@@ -70,7 +90,8 @@ def apply_adapter(model: LlavaModel, adapter_dir: Union[str, Path], projector: O
         raise BonsaiError(f"adapter {d}: no such directory (pass a training checkpoint directory)")
     has_lora = (d / "adapters.safetensors").exists()
     has_proj = (d / "projector.safetensors").exists()
-    if not (has_lora or has_proj):
+    has_full = (d / "weights.safetensors").exists()
+    if not (has_lora or has_proj or has_full):
         raise BonsaiError(f"adapter {d}: neither adapters.safetensors nor projector.safetensors found")
     train_cfg = d / "config.json"  # written by `bonsai-mlx train`
     bits = json.loads(train_cfg.read_text()).get("quantize") if train_cfg.exists() else None
@@ -96,6 +117,8 @@ def apply_adapter(model: LlavaModel, adapter_dir: Union[str, Path], projector: O
                 f"{sorted(set(bad) | (set(expected) ^ set(w)))[:3]}); was it trained on another student?"
             )
         model.load_weights(list(w.items()), strict=False)
+    if has_full:
+        load_full_weights(model, d / "weights.safetensors")
     mx.eval(model.parameters())
     model.eval()  # new LoRA layers start in training mode (dropout on); inference wants it off
     return model

@@ -82,6 +82,9 @@ class LlavaModel(nn.Module):
             num_feature_layers=len(config.feature_layers()),
         )
         self.language_model = build_language_model(config.text_config)
+        from .policy import use_fast_cpu_layers
+
+        use_fast_cpu_layers(self.language_model)  # CPU fast paths for SwiGLU and attention (same weights and names)
 
     # --- vision ---------------------------------------------------------------------------------------------------
     def _hidden_state_indices(self) -> List[int]:

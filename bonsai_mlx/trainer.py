@@ -61,6 +61,9 @@ class TrainConfig:
     lora_alpha: float = 32.0
     lora_dropout: float = 0.05
     lora_keys: List[str] = field(default_factory=lambda: list(DEFAULT_LORA_KEYS))
+    train_lm: str = "lora"  # lora: adapters on a frozen base; full: every LM weight (needs quantize none)
+    train_vision: bool = False  # also train the vision tower (at --lr-vision)
+    lr_vision: float = 1e-4
     quantize: str = "4"
     max_seq_len: int = 2048
     eval_every: Optional[int] = None
@@ -112,6 +115,11 @@ class TrainConfig:
             # gradients would belong to another forward than the loss. (mlx-lm's grad_checkpoint has the same trait.)
             raise BonsaiError("--grad-checkpoint needs --lora-dropout 0 (the recomputed blocks would draw new "
                               "dropout masks, so gradients would not match the loss)")
+        if self.train_lm not in ("lora", "full"):
+            raise BonsaiError(f"--train-lm must be lora or full, got {self.train_lm!r}")
+        if self.train_lm == "full" and str(self.quantize) != "none":
+            raise BonsaiError("--train-lm full trains every LM weight and needs --quantize none "
+                              "(quantized weights cannot be trained)")
         if not 0 <= self.warmup < 1:
             raise BonsaiError(f"--warmup is a ratio of the total steps in [0, 1), got {self.warmup}")
 
@@ -143,7 +151,12 @@ def make_trainable(model: LlavaModel, cfg: TrainConfig) -> LlavaModel:
 
         quantize_language_model(model, bits=quant)
     model.freeze()
-    add_lora(model, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_keys))
+    if cfg.train_lm == "full":
+        model.language_model.unfreeze()
+    else:
+        add_lora(model, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_keys))
+    if cfg.train_vision:
+        model.vision_tower.unfreeze()
     model.multi_modal_projector.unfreeze()
     if cfg.grad_checkpoint:
         from mlx_lm.tuner.trainer import grad_checkpoint
@@ -209,6 +222,10 @@ def _is_align(path: str, _grad) -> bool:
     return path.startswith("align.")
 
 
+def _is_vision(path: str, _grad) -> bool:
+    return path.startswith("vision_tower.")
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False, log=print):
         cfg.validate()
@@ -260,14 +277,16 @@ class Trainer:
             self.total_steps = int(cfg.max_steps)
         else:
             self.total_steps = max(int(math.ceil((cfg.epochs or 1.0) * steps_per_epoch)), 1)
-        # three groups, each with its own schedule: projector, alignment projectors (HSD; empty in SFT), LoRA
+        # groups, each with its own schedule: projector, alignment projectors (HSD; empty in SFT), vision tower
+        # (--train-vision; empty otherwise), LM (LoRA or full)
         self.optimizer = optim.MultiOptimizer(
             [
                 optim.AdamW(lr_schedule(cfg.lr_projector, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
                 optim.AdamW(lr_schedule(cfg.lr_align, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
+                optim.AdamW(lr_schedule(cfg.lr_vision, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
                 optim.AdamW(lr_schedule(cfg.lr, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
             ],
-            [_is_projector, _is_align],
+            [_is_projector, _is_align, _is_vision],
         )
         self.optimizer.init(self.model.trainable_parameters())
         self.step = 0
@@ -409,7 +428,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         loss, ce_sum, lt_sum, li_sum = (float(x) for x in sums)
         lrs = [float(o.learning_rate) for o in self.optimizer.optimizers]
-        rec = {"step": self.step, "loss": loss, "ce": ce_sum / ntok, "lr": lrs[2], "lr_projector": lrs[0],
+        rec = {"step": self.step, "loss": loss, "ce": ce_sum / ntok, "lr": lrs[3], "lr_projector": lrs[0],
                "tokens": int(ntok), "sequences": sum(b.input_ids.shape[0] for b in micro) * self.world,
                "tokens_per_s": ntok / dt, "step_time_s": dt, "epoch": self.batches.epoch,
                "peak_memory_gb": mx.get_peak_memory() / 1e9}
@@ -463,9 +482,14 @@ class Trainer:
         if st["data_sha256"] != self.data_sha:
             raise BonsaiError(f"{d} was trained on other data (sha256 differs from {self.cfg.data}); "
                               "resume with the same --data or start a new --out")
-        w = dict(mx.load(str(d / "adapters.safetensors")))
-        self.model.language_model.load_weights(list(w.items()), strict=False)
+        if (d / "adapters.safetensors").exists():
+            w = dict(mx.load(str(d / "adapters.safetensors")))
+            self.model.language_model.load_weights(list(w.items()), strict=False)
         self.model.load_weights(list(mx.load(str(d / "projector.safetensors")).items()), strict=False)
+        if (d / "weights.safetensors").exists():
+            from .adapters import load_full_weights
+
+            load_full_weights(self.model, d / "weights.safetensors")
         if "align" in self.model:
             self.model.align.load_weights(list(mx.load(str(d / "align.safetensors")).items()))
         self.optimizer.state = tree_unflatten(list(mx.load(str(d / "optimizer.safetensors")).items()))

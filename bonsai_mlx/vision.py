@@ -17,6 +17,8 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .policy import gelu_tanh, sdpa
+
 
 @dataclass
 class VisionConfig:
@@ -42,10 +44,11 @@ class VisionConfig:
 
 
 _ACTIVATIONS = {
-    # transformers ACT2FN names → MLX. SigLIP uses the tanh approximation ("gelu_pytorch_tanh").
-    "gelu_pytorch_tanh": nn.gelu_approx,
-    "gelu_new": nn.gelu_approx,
-    "gelu_fast": nn.gelu_approx,
+    # transformers ACT2FN names → MLX. SigLIP uses the tanh approximation ("gelu_pytorch_tanh"); on the CPU it runs
+    # on policy.fast_exp (MLX's CPU exp is slow), elsewhere it is nn.gelu_approx.
+    "gelu_pytorch_tanh": gelu_tanh,
+    "gelu_new": gelu_tanh,
+    "gelu_fast": gelu_tanh,
     "gelu": nn.gelu,
     "quick_gelu": nn.gelu_fast_approx,
 }
@@ -75,7 +78,7 @@ class Attention(nn.Module):
         q = q.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, Dh]
         k = k.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)  # bidirectional, no mask
+        out = sdpa(q, k, v, self.scale)  # bidirectional, no mask (policy.sdpa: fast softmax on the CPU)
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
 
 

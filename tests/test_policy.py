@@ -53,3 +53,34 @@ def test_bf16_checkpoint_is_upcast_on_cpu(tmp_path, tokenizer):
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, BONSAI_CPU_POLICY="off"))
     assert on.stdout.strip() == "mlx.core.float32" and off.stdout.strip() == "mlx.core.bfloat16", (on, off)
+
+
+def test_fast_cpu_functions_match_mlx():
+    """The CPU fast paths (rational tanh for SwiGLU / tanh-GELU, fast-softmax attention with its own backward) give
+    MLX's results and gradients within float32 tolerance, for causal, boolean, additive and no masks and GQA."""
+    import mlx.nn as nn
+
+    from bonsai_mlx.policy import fast_gelu_tanh, fast_sdpa, fast_swiglu, fast_tanh
+
+    y = mx.linspace(-60, 60, 100001)
+    assert float(mx.abs(fast_tanh(y) - mx.tanh(y)).max()) < 1e-6
+    assert float(mx.abs(fast_swiglu(y, mx.ones_like(y)) - nn.silu(y)).max()) < 1e-5
+    assert float(mx.abs(fast_gelu_tanh(y) - nn.gelu_approx(y)).max()) < 1e-5
+    g = mx.grad(lambda a: fast_swiglu(a, a).sum())(y)
+    want = mx.grad(lambda a: (nn.silu(a) * a).sum())(y)
+    assert float(mx.abs(g - want).max() / mx.abs(want).max()) < 1e-6
+    mx.random.seed(0)
+    q, k, v = mx.random.normal((2, 4, 7, 8)), mx.random.normal((2, 2, 9, 8)), mx.random.normal((2, 2, 9, 8))
+    boolean = mx.random.uniform(shape=(2, 1, 7, 9)) > 0.3
+    boolean[..., 0] = True  # every row keeps at least one key
+    additive = mx.random.normal((7, 9))
+    for mask in ("causal", None, boolean, additive):
+        def f(q, k, v, fast):
+            if fast:
+                return fast_sdpa(q, k, v, 0.35, mask)
+            return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.35, mask=mask)
+
+        assert float(mx.abs(f(q, k, v, True) - f(q, k, v, False)).max()) < 1e-5
+        ga = mx.grad(lambda *a: (f(*a, True) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+        gb = mx.grad(lambda *a: (f(*a, False) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
+        assert max(float(mx.abs(a - b).max()) for a, b in zip(ga, gb)) < 1e-4

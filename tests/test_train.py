@@ -206,3 +206,51 @@ def test_grad_checkpoint_and_epochs(setup, tmp_path):
     r = cli(*[x for x in base if x not in ("--lora-dropout", "0")], "--out", str(tmp_path / "c"), "--grad-checkpoint")
     assert r.returncode == 1 and "--lora-dropout 0" in r.stderr
 
+
+
+def test_train_vision_and_full_lm(setup, tmp_path):
+    """--train-vision / --train-lm full: those weights train, land in weights.safetensors, and `--adapter` (generate,
+    eval, fuse, export) reproduces the trained model; kill + resume stays exact."""
+    root, student, data = setup
+    with pytest.raises(BonsaiError, match="needs --quantize none"):
+        TrainConfig(model="m", data="d", out="o", train_lm="full").validate()
+    common = dict(model=str(student), data=str(data), image_root=str(data.parent / "images"), max_steps=4,
+                  batch_size=4, lr=1e-2, lr_projector=1e-2, warmup=0.0, quantize="none", train_lm="full",
+                  train_vision=True, lora_dropout=0.0, seed=2)
+    t = Trainer(TrainConfig(out=str(tmp_path / "run"), **common), log=lambda m: None)
+    trainable = {k for k, _ in tree_flatten(t.model.trainable_parameters())}
+    allp = {k for k, _ in tree_flatten(t.model.parameters())}
+    assert trainable == allp  # everything trains, no LoRA factors
+    before = {k: np.array(v) for k, v in tree_flatten(t.model.parameters())}
+    t.train()
+    after = {k: np.array(v) for k, v in tree_flatten(t.model.parameters())}
+    for prefix in ("vision_tower.", "language_model.", "multi_modal_projector."):
+        assert any(not np.array_equal(before[k], after[k]) for k in allp if k.startswith(prefix)), prefix
+    saved = mx.load(str(tmp_path / "run" / "checkpoint" / "weights.safetensors"))
+    assert {k for k in allp if not k.startswith("multi_modal_projector.")} == set(saved)
+    assert not (tmp_path / "run" / "checkpoint" / "adapters.safetensors").exists()
+
+    from bonsai_mlx.generate import load
+
+    model, processor = load(student, adapter=tmp_path / "run" / "checkpoint")
+    ids = mx.array([processor.prompt_ids("What colour?", with_image=True)])
+    pix = mx.array(processor.image_processor([str(data.parent / "images" / "0_1.png")]))
+    t.model.eval()
+    assert np.abs(np.array(model(ids, pix)) - np.array(t.model(ids, pix))).max() <= 1e-6
+    base, _ = load(student)
+    assert np.abs(np.array(base(ids, pix)) - np.array(model(ids, pix))).max() > 1e-3
+
+    # kill after step 3 (checkpoint at 2) → resume → same losses and weights as the unbroken run
+    args = ["train", "--model", str(student), "--data", str(data), "--image-root", str(data.parent / "images"),
+            "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--lr-projector", "1e-2", "--warmup", "0",
+            "--quantize", "none", "--train-lm", "full", "--train-vision", "--lora-dropout", "0", "--seed", "2",
+            "--save-every", "2", "--out", str(tmp_path / "killed")]
+    r = cli(*args, env={"BONSAI_KILL_AFTER_STEP": "3"})
+    assert r.returncode == -9
+    r = cli("train", "--out", str(tmp_path / "killed"), "--resume")
+    assert r.returncode == 0, r.stderr[-2000:]
+    la = [m["loss"] for m in metrics(tmp_path / "run")]
+    lb = [m["loss"] for m in metrics(tmp_path / "killed")]
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) <= 1e-6
+    w2 = mx.load(str(tmp_path / "killed" / "checkpoint" / "weights.safetensors"))
+    assert max(float(mx.abs(saved[k] - w2[k]).max()) for k in saved) <= 1e-6
