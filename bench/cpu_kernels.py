@@ -5,6 +5,10 @@
 One Qwen2.5-0.5B MLP-sized product (rows × 896 @ 896 × 4864) for 1 row (decode) and 200 rows (prefill):
 float32 GEMM, bfloat16 GEMM, 4-bit `quantized_matmul`, and dequantize + float32 GEMM (the policy's prefill path).
 Best of 5 after a warm-up; ratios against float32 last.
+
+Then the transcendental functions at Qwen2.5-0.5B / SigLIP-B prefill sizes (240 × 4864 SwiGLU, 196 × 3072 tanh-GELU,
+attention 14 heads × 240² causal with 2 KV heads, 12 × 196² bidirectional): MLX's own ops against the policy's fast
+CPU paths (rational tanh, fast-softmax attention), with the largest absolute difference.
 """
 
 from __future__ import annotations
@@ -46,6 +50,27 @@ def main():
         dq = best_ms(lambda x=x: mx.eval(x @ mx.dequantize(q, s, b, 64, 4).T))
         print(f"{rows:>5}{f32:>10.2f}{bf16:>10.2f}{q4:>14.2f}{dq:>16.2f}")
         print(f"      ratios to f32: bf16 {bf16 / f32:.1f}x, q4 kernel {q4 / f32:.1f}x, dequant+f32 {dq / f32:.1f}x")
+
+    import mlx.nn as nn
+
+    from bonsai_mlx.policy import fast_gelu_tanh, fast_sdpa, fast_swiglu
+
+    g, u, h = mx.random.normal((240, 4864)) * 3, mx.random.normal((240, 4864)), mx.random.normal((196, 3072)) * 3
+    q, k, v = mx.random.normal((1, 14, 240, 64)), mx.random.normal((1, 2, 240, 64)), mx.random.normal((1, 2, 240, 64))
+    vq, vk, vv = (mx.random.normal((1, 12, 196, 64)) for _ in range(3))
+    cases = [
+        ("SwiGLU 240x4864", lambda: nn.silu(g) * u, lambda: fast_swiglu(g, u)),
+        ("tanh-GELU 196x3072", lambda: nn.gelu_approx(h), lambda: fast_gelu_tanh(h)),
+        ("attention causal 14x240^2", lambda: mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask="causal"),
+         lambda: fast_sdpa(q, k, v, 0.125, "causal")),
+        ("attention 12x196^2", lambda: mx.fast.scaled_dot_product_attention(vq, vk, vv, scale=0.125),
+         lambda: fast_sdpa(vq, vk, vv, 0.125)),
+    ]
+    print(f"\n{'':28}{'MLX ms':>9}{'fast ms':>9}{'speed-up':>10}{'max |diff|':>12}")
+    for name, ref, fast in cases:
+        a, b = best_ms(lambda: mx.eval(ref())), best_ms(lambda: mx.eval(fast()))
+        diff = float(mx.abs(ref() - fast()).max())
+        print(f"{name:28}{a:>9.2f}{b:>9.2f}{a / b:>9.1f}x{diff:>12.1e}")
 
 
 if __name__ == "__main__":

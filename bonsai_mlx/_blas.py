@@ -75,3 +75,17 @@ def maybe_load() -> None:
         return
     status = "none found"
     print(HINT, file=sys.stderr)
+
+
+def set_threads(n: int) -> bool:
+    """Set the loaded OpenBLAS's thread count (`openblas_set_num_threads`); False when no OpenBLAS was loaded.
+
+    Tiny models (the demo's pico student) run faster on one BLAS thread: their many small batched products pay
+    OpenBLAS's thread hand-off on every call (measured: a pico training step 0.35 s with 2 threads, 0.16 s with 1)."""
+    if not loaded:
+        return False
+    try:
+        ctypes.CDLL(loaded).openblas_set_num_threads(int(n))
+    except (OSError, AttributeError):
+        return False
+    return True

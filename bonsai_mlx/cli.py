@@ -260,6 +260,9 @@ def info(model, adapter, as_json):
 @click.option("--train-vision/--no-train-vision", default=None,
               help="Also train the vision tower (at --lr-vision); for tasks the frozen tower cannot see [off].")
 @click.option("--lr-vision", type=float, default=None, help="Peak learning rate of the vision tower [1e-4].")
+@click.option("--warmup-vision", type=float, default=None,
+              help="Warmup ratio of the vision tower's learning rate [--warmup]; a later start keeps a random tower "
+                   "from collapsing while the LM learns to look.")
 @click.option("--quantize", type=click.Choice(["4", "8", "none"]), default=None,
               help="Precision of the frozen base LM [4] (QLoRA); none keeps it in --dtype.")
 @click.option("--max-seq-len", type=int, default=None, help="Truncate sequences to this many tokens [2048].")

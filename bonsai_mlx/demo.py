@@ -88,6 +88,9 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
     if cfg.steps < 1:
         raise BonsaiError(f"--steps must be at least 1, got {cfg.steps}")
     t_start = time.perf_counter()
+    from . import _blas
+
+    _blas.set_threads(1)  # the pico's small products run faster on one BLAS thread (see _blas.set_threads)
     data = out / "data"
     echo(f"[1/6] shapes data: {cfg.n_train} train images (multi-turn), {cfg.n_eval} held-out questions → {data}")
     paths = build_shapes(data, n_train=cfg.n_train, n_eval=cfg.n_eval, seed=cfg.seed)

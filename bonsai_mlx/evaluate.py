@@ -109,6 +109,16 @@ class Evaluator:
         self._feats: Dict[str, object] = {}
         model.eval()
 
+    def check_images(self, images) -> None:
+        """Fail before any work when an image is missing (one line naming the first and the count)."""
+        names = sorted({i for i in images if i is not None})
+        if names and self.root is None:
+            raise BonsaiError(f"the records have images (e.g. {names[0]!r}) but no --image-root was given")
+        missing = [n for n in names if not (self.root / n).is_file()]
+        if missing:
+            raise BonsaiError(f"{len(missing)} of {len(names)} images not found, e.g. {self.root / missing[0]} "
+                              "(check --image-root)")
+
     def image_features(self, image: Optional[str]):
         import mlx.core as mx
 
@@ -175,6 +185,7 @@ def eval_vqa(ev: Evaluator, records: list, limit: Optional[int] = None, max_toke
         items = items[:limit]
     if not items:
         raise BonsaiError(f"{source}: no questions (records need a gpt turn)")
+    ev.check_images(it["image"] for it in items)
     per_type: Dict[str, List[int]] = defaultdict(list)
     preds = []
     for it in _progress(items, len(items), "eval vqa", progress):
@@ -283,6 +294,7 @@ def eval_pope(ev: Evaluator, questions: List[dict], limit: Optional[int] = None,
         questions = questions[:limit]
     if not questions:
         raise BonsaiError("the POPE file has no questions")
+    ev.check_images(q["image"] for q in questions)
     yes_ids, no_ids = yes_no_ids(ev.processor.tokenizer._tokenizer)
     preds, labels, rows = [], [], []
     for q in _progress(questions, len(questions), "eval pope", progress):

@@ -64,6 +64,7 @@ class TrainConfig:
     train_lm: str = "lora"  # lora: adapters on a frozen base; full: every LM weight (needs quantize none)
     train_vision: bool = False  # also train the vision tower (at --lr-vision)
     lr_vision: float = 1e-4
+    warmup_vision: Optional[float] = None  # warmup ratio of the vision tower's lr (default: --warmup)
     quantize: str = "4"
     max_seq_len: int = 2048
     eval_every: Optional[int] = None
@@ -122,6 +123,8 @@ class TrainConfig:
                               "(quantized weights cannot be trained)")
         if not 0 <= self.warmup < 1:
             raise BonsaiError(f"--warmup is a ratio of the total steps in [0, 1), got {self.warmup}")
+        if self.warmup_vision is not None and not 0 <= self.warmup_vision < 1:
+            raise BonsaiError(f"--warmup-vision is a ratio of the total steps in [0, 1), got {self.warmup_vision}")
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -283,7 +286,9 @@ class Trainer:
             [
                 optim.AdamW(lr_schedule(cfg.lr_projector, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
                 optim.AdamW(lr_schedule(cfg.lr_align, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
-                optim.AdamW(lr_schedule(cfg.lr_vision, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
+                optim.AdamW(lr_schedule(cfg.lr_vision, self.total_steps,
+                                        cfg.warmup if cfg.warmup_vision is None else cfg.warmup_vision),
+                            weight_decay=cfg.weight_decay),
                 optim.AdamW(lr_schedule(cfg.lr, self.total_steps, cfg.warmup), weight_decay=cfg.weight_decay),
             ],
             [_is_projector, _is_align, _is_vision],
