@@ -18,7 +18,8 @@ Question types (answers are one lower-case word):
 
 Train records are multi-turn: one record per image with every applicable type in random order (the design note's
 prototype found that several questions per image learn far faster than one). Held-out records have one question
-each (`"type"` names it) with equal shares per type; per-turn types of train records are in `"types"`.
+each (`"type"` names it) with equal shares per type, counts 1/2/3 in equal shares and the binary answers exactly
+balanced; per-turn types of train records are in `"types"`.
 """
 
 from __future__ import annotations
@@ -99,9 +100,11 @@ def render(objs: Sequence[Obj], size: int, rng: random.Random) -> Image.Image:
     return img
 
 
-def ask(qtype: str, objs: Sequence[Obj], rng: random.Random, subject: Optional[Obj] = None) -> Optional[tuple]:
+def ask(qtype: str, objs: Sequence[Obj], rng: random.Random, subject: Optional[Obj] = None,
+        want: Optional[bool] = None) -> Optional[tuple]:
     """(question, answer) of the given type about the scene, or None when the scene cannot pose it. `subject`: the
-    object a colour/shape question is about (default: a random one)."""
+    object a colour/shape question is about (default: a random one); `want`: for the binary types, force the first
+    answer (yes / left / above) or the second (default: a fair coin)."""
     if qtype == "colour":
         o = subject or rng.choice(objs)
         return f"What colour is the {o.shape}?", o.colour
@@ -114,13 +117,16 @@ def ask(qtype: str, objs: Sequence[Obj], rng: random.Random, subject: Optional[O
         if len(objs) < 2:
             return None
         a, b = rng.sample(list(objs), 2)
+        first = (a.col < b.col) if qtype == "left_right" else (a.row < b.row)
+        if want is not None and first != want:
+            a, b = b, a
         if qtype == "left_right":
             return (f"Is the {a.name} to the left or to the right of the {b.name}?",
                     "left" if a.col < b.col else "right")
         return f"Is the {a.name} above or below the {b.name}?", "above" if a.row < b.row else "below"
     if qtype == "existence":
         present = {o.name for o in objs}
-        if rng.random() < 0.5:
+        if (rng.random() < 0.5) if want is None else want:
             return f"Is there a {rng.choice(objs).name} in the image?", "yes"
         # near miss: keep one attribute of a present object, change the other
         o = rng.choice(objs)
@@ -179,7 +185,8 @@ def generate_split(out: Path, split: str, n_images: int, rng: random.Random, siz
                 conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
             records.append({"id": rid, "image": name, "conversations": conv, "types": [t for t, _ in qa]})
         else:
-            q, a = ask(qtype, objs, rng)
+            # binary answers alternate within each type, so yes/no and left/right are exactly balanced
+            q, a = ask(qtype, objs, rng, want=(k // len(types)) % 2 == 0)
             records.append({"id": rid, "image": name, "type": qtype,
                             "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
     coco = {"images": images, "annotations": anns,

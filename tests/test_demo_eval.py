@@ -30,7 +30,8 @@ def demo(tmp_path_factory):
 def test_demo_outputs(demo):
     out, stdout = demo
     for f in ("demo.json", "eval_before.json", "eval_after.json", "curves.png", "run/metrics.jsonl",
-              "run/checkpoint/weights.safetensors", "pico/config.json", "data/train.json", "data/eval.json"):
+              "run/checkpoint/weights.safetensors", "pico/config.json", "pico-vision/model.safetensors",
+              "data/train.json", "data/eval.json"):
         assert (out / f).exists(), f
     summary = json.loads((out / "demo.json").read_text())
     after = json.loads((out / "eval_after.json").read_text())
@@ -45,12 +46,21 @@ def test_demo_outputs(demo):
     assert len([json.loads(x) for x in (out / "run" / "metrics.jsonl").read_text().splitlines()]) == 40
     assert "generate:" in stdout and "Q: " in stdout and "A: " in stdout
     assert summary["elapsed_s"] > 0
+    # the vision pretraining learned (multi-label loss falls) and changed only the vision tower
+    vp = summary["vision_pretrain"]
+    assert vp["steps"] == 300 and vp["loss_last"] < 0.5 * vp["loss_first"]
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(out / "pico" / "model.safetensors")), load_file(str(out / "pico-vision" / "model.safetensors"))
+    assert set(a) == set(b)
+    changed = {k for k in a if not np.array_equal(a[k], b[k])}
+    assert changed and all(k.startswith("vision_tower.") for k in changed)
 
 
 def test_eval_vqa_matches_generate_and_demo(demo, tmp_path):
     out, _ = demo
     res_path = tmp_path / "vqa.json"
-    r = cli("eval", "--model", str(out / "pico"), "--adapter", str(out / "run" / "checkpoint"), "--task", "vqa",
+    r = cli("eval", "--model", str(out / "pico-vision"), "--adapter", str(out / "run" / "checkpoint"), "--task", "vqa",
             "--data", str(out / "data" / "eval.json"), "--image-root", str(out / "data"), "--limit", "12", "--out",
             str(res_path))
     assert r.returncode == 0, r.stderr[-2000:]
@@ -60,7 +70,7 @@ def test_eval_vqa_matches_generate_and_demo(demo, tmp_path):
     assert [p["prediction"] for p in res["predictions"]] == [p["prediction"] for p in demo_preds]
     import bonsai_mlx
 
-    model, processor = bonsai_mlx.load(out / "pico", adapter=out / "run" / "checkpoint")
+    model, processor = bonsai_mlx.load(out / "pico-vision", adapter=out / "run" / "checkpoint")
     records = json.loads((out / "data" / "eval.json").read_text())
     for rec, pred in list(zip(records, res["predictions"]))[:4]:
         q = rec["conversations"][0]["value"].replace("<image>\n", "")
@@ -71,7 +81,7 @@ def test_eval_vqa_matches_generate_and_demo(demo, tmp_path):
 def test_eval_loss_is_the_training_loss(demo, tmp_path):
     out, _ = demo
     res_path = tmp_path / "loss.json"
-    r = cli("eval", "--model", str(out / "pico"), "--adapter", str(out / "run" / "checkpoint"), "--task", "loss",
+    r = cli("eval", "--model", str(out / "pico-vision"), "--adapter", str(out / "run" / "checkpoint"), "--task", "loss",
             "--data", str(out / "data" / "eval.json"), "--image-root", str(out / "data"), "--out", str(res_path))
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(res_path.read_text())
@@ -79,7 +89,7 @@ def test_eval_loss_is_the_training_loss(demo, tmp_path):
     from bonsai_mlx.data import SFTDataset, read_records
     from bonsai_mlx.trainer import evaluate_loss
 
-    model, processor = bonsai_mlx.load(out / "pico", adapter=out / "run" / "checkpoint")
+    model, processor = bonsai_mlx.load(out / "pico-vision", adapter=out / "run" / "checkpoint")
     tok = processor.tokenizer._tokenizer
     ds = SFTDataset(read_records(out / "data" / "eval.json"), tok, out / "data", processor.image_seq_length)
     want = evaluate_loss(model, ds, processor.image_processor, tok.pad_token_id)
@@ -97,7 +107,7 @@ def test_pope_build_and_eval(demo, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "adversarial:" in r.stdout
     res_path = tmp_path / "pope.json"
-    r = cli("eval", "--model", str(out / "pico"), "--adapter", str(out / "run" / "checkpoint"), "--task", "pope",
+    r = cli("eval", "--model", str(out / "pico-vision"), "--adapter", str(out / "run" / "checkpoint"), "--task", "pope",
             "--data", str(tmp_path / "pope_random.jsonl"), "--image-root", str(out / "data"), "--out", str(res_path))
     assert r.returncode == 0, r.stderr[-2000:]
     assert "f1" in r.stdout and "yes_ratio" in r.stdout
@@ -112,7 +122,7 @@ def test_pope_build_and_eval(demo, tmp_path):
     import bonsai_mlx
     from bonsai_mlx.evaluate import Evaluator
 
-    model, processor = bonsai_mlx.load(out / "pico", adapter=out / "run" / "checkpoint")
+    model, processor = bonsai_mlx.load(out / "pico-vision", adapter=out / "run" / "checkpoint")
     ev = Evaluator(model, processor, out / "data")
     yes, no = yes_no_ids(processor.tokenizer._tokenizer)
     for p in res["predictions"][:4]:

@@ -91,4 +91,5 @@ def test_killed_two_rank_run_resumes_in_one_process(world, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     a, b = metrics(ref), metrics(run)
     assert [x["step"] for x in b] == list(range(1, 13))
-    assert max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True)) <= 1e-5
+    # float32: the ranks pad to their own lengths and sum in another order (relative, not absolute, 1e-5)
+    assert max(abs(x["loss"] - y["loss"]) / max(abs(x["loss"]), 1.0) for x, y in zip(a, b, strict=True)) <= 1e-5

@@ -76,9 +76,8 @@ def test_held_out_has_equal_shares_and_consistent_answers(shapes):
         elif r["type"] == "shape":
             colour = q.split("What shape is the ")[1].split(" object")[0]
             assert f"{colour} {a}" in names
-    # both answers of the binary types occur; yes/no is balanced by construction (within sampling noise)
-    assert set(answers["existence"]) == {"yes", "no"} and set(answers["left_right"]) == {"left", "right"}
-    assert abs(answers["existence"]["yes"] - answers["existence"]["no"]) <= 12
+    # the binary answers are exactly balanced
+    assert answers["existence"] == {"yes": 15, "no": 15} and answers["left_right"] == {"left": 15, "right": 15}
 
 
 def test_train_records_are_multi_turn_and_parse(shapes):
