@@ -509,7 +509,7 @@ def pope_build(annotations, images, out, num_images, per_image, splits, seed):
               help="Folder for the data, the student, the run, the plot and the results.")
 @click.option("--steps", default=None, type=int, help="Training steps [900].")
 @click.option("--train-vision/--no-train-vision", default=True, show_default=True,
-              help="Train the (random) vision tower too; frozen it only gives random features.")
+              help="Also train the (pretrained) vision tower during SFT, at a tenth of the lr.")
 @click.option("--vision-pretrain-steps", default=None, type=int,
               help="Steps of vision-tower pretraining on the train annotations before SFT; 0 skips it [300].")
 @click.option("--train-images", default=None, type=int, help="Training images (one multi-turn record each) [10000].")

@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict
 
 from .hub import BonsaiError
 
@@ -92,7 +92,7 @@ def pretrain_vision(model_dir: Path, out_dir: Path, data_root: Path, instances: 
     loss_grad = nn.value_and_grad(probe, lambda m, x, y: nn.losses.binary_cross_entropy(m(x), y).mean())
     cache: Dict[int, np.ndarray] = {}
     losses = []
-    for step in range(steps):
+    for _ in range(steps):
         pick = rng.choice(len(ids), size=min(batch, len(ids)), replace=False)
         for i in pick:
             if ids[i] not in cache:
@@ -122,7 +122,7 @@ def _table(before: dict, after: dict, chance: dict) -> str:
     rows.append(("overall", str(after["accuracy"]["n"]), f"{overall_chance:.2f}", cell(before["accuracy"]),
                  cell(after["accuracy"])))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 

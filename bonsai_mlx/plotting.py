@@ -46,7 +46,7 @@ def plot_metrics(run_dir, out: Optional[str] = None) -> Path:
     axes[0].set_ylabel("loss")
     axes[0].legend()
     axes[0].set_title("loss")
-    axes[1].plot([r["step"] for r in train], [r.get("lr", 0) for r in train], label="lr (LoRA)")
+    axes[1].plot([r["step"] for r in train], [r.get("lr", 0) for r in train], label="lr (language model)")
     if any("lr_projector" in r for r in train):
         axes[1].plot([r["step"] for r in train], [r.get("lr_projector", 0) for r in train], label="lr (projector)")
     axes[1].set_xlabel("step")

@@ -74,7 +74,7 @@ def make_scene(rng: random.Random, n: int, size: int) -> List[Obj]:
     rows = rng.sample(range(GRID), n)
     cell = size / GRID
     objs = []
-    for c, s, col, row in zip(colours, shapes, cols, rows):
+    for c, s, col, row in zip(colours, shapes, cols, rows, strict=True):
         side = cell * rng.uniform(0.65, 0.9)
         slack = (cell - side) / 2
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
@@ -181,7 +181,7 @@ def generate_split(out: Path, split: str, n_images: int, rng: random.Random, siz
             qa = [(t, ask(t, objs, rng, subj.get(t))) for t in order]
             qa = [(t, x) for t, x in qa if x is not None]
             conv = []
-            for i, (t, (q, a)) in enumerate(qa):
+            for i, (_, (q, a)) in enumerate(qa):
                 conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
             records.append({"id": rid, "image": name, "conversations": conv, "types": [t for t, _ in qa]})
         else:

@@ -72,7 +72,7 @@ def test_eval_vqa_matches_generate_and_demo(demo, tmp_path):
 
     model, processor = bonsai_mlx.load(out / "pico-vision", adapter=out / "run" / "checkpoint")
     records = json.loads((out / "data" / "eval.json").read_text())
-    for rec, pred in list(zip(records, res["predictions"]))[:4]:
+    for rec, pred in list(zip(records[:12], res["predictions"], strict=True))[:4]:
         q = rec["conversations"][0]["value"].replace("<image>\n", "")
         g = bonsai_mlx.generate(model, processor, q, image=str(out / "data" / rec["image"]), max_tokens=8)
         assert g.text.strip() == pred["prediction"].strip()

@@ -75,7 +75,7 @@ def test_fast_cpu_functions_match_mlx():
     boolean[..., 0] = True  # every row keeps at least one key
     additive = mx.random.normal((7, 9))
     for mask in ("causal", None, boolean, additive):
-        def f(q, k, v, fast):
+        def f(q, k, v, fast, mask=mask):
             if fast:
                 return fast_sdpa(q, k, v, 0.35, mask)
             return mx.fast.scaled_dot_product_attention(q, k, v, scale=0.35, mask=mask)
@@ -83,4 +83,4 @@ def test_fast_cpu_functions_match_mlx():
         assert float(mx.abs(f(q, k, v, True) - f(q, k, v, False)).max()) < 1e-5
         ga = mx.grad(lambda *a: (f(*a, True) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
         gb = mx.grad(lambda *a: (f(*a, False) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
-        assert max(float(mx.abs(a - b).max()) for a, b in zip(ga, gb)) < 1e-4
+        assert max(float(mx.abs(a - b).max()) for a, b in zip(ga, gb, strict=True)) < 1e-4
