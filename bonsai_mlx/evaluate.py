@@ -200,19 +200,15 @@ def eval_vqa(ev: Evaluator, records: list, limit: Optional[int] = None, max_toke
             "predictions": preds}
 
 
-def eval_loss(model, processor, records: list, image_root, limit: Optional[int] = None, batch_size: int = 4,
-              max_seq_len: int = 2048, source: str = "data") -> dict:
+def per_sample_ce(model, dataset, image_processor, pad_id: int, batch_size: int = 4) -> tuple:
+    """(CE sums, supervised-token counts) per sample of a tokenized `SFTDataset`, in batches (right padding does not
+    change a row's logits). The trainer's eval loss and `eval --task loss` both come from here."""
     import mlx.core as mx
 
-    from .data import BatchIterator, SFTDataset
+    from .data import BatchIterator
     from .losses import masked_ce
 
-    if limit is not None:
-        records = records[:limit]
-    tok = processor.tokenizer._tokenizer
-    ds = SFTDataset(records, tok, image_root, processor.image_seq_length, max_seq_len, source=source)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    it = BatchIterator(ds, batch_size, 0, processor.image_processor, pad, drop_last=False)
+    it = BatchIterator(dataset, batch_size, 0, image_processor, pad_id, drop_last=False)
     model.eval()
     sums, counts = [], []
     for idx in it.buckets:
@@ -226,7 +222,19 @@ def eval_loss(model, processor, records: list, image_root, limit: Optional[int] 
             s, n = masked_ce(logits[r : r + 1], ids[r : r + 1], mx.array(b.labels_mask[r : r + 1]))
             sums.append(float(s))
             counts.append(float(n))
-    sums_a, counts_a = np.array(sums), np.array(counts)
+    return np.array(sums), np.array(counts)
+
+
+def eval_loss(model, processor, records: list, image_root, limit: Optional[int] = None, batch_size: int = 4,
+              max_seq_len: int = 2048, source: str = "data") -> dict:
+    from .data import SFTDataset
+
+    if limit is not None:
+        records = records[:limit]
+    tok = processor.tokenizer._tokenizer
+    ds = SFTDataset(records, tok, image_root, processor.image_seq_length, max_seq_len, source=source)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    sums_a, counts_a = per_sample_ce(model, ds, processor.image_processor, pad, batch_size)
     if counts_a.sum() == 0:
         raise BonsaiError(f"{source}: no supervised tokens to evaluate\n{ds.report()}")
     loss = float(sums_a.sum() / counts_a.sum())

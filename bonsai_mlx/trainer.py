@@ -506,17 +506,9 @@ class Trainer:
 
 def evaluate_loss(model: LlavaModel, dataset: SFTDataset, image_processor, pad_id: int, batch_size: int = 4) -> dict:
     """Mean CE and perplexity over the supervised (assistant) tokens of a whole data set."""
-    model.eval()
-    it = BatchIterator(dataset, batch_size, 0, image_processor, pad_id, drop_last=False)
-    total, count = 0.0, 0.0
-    for idx in it.buckets:
-        b = it.make_batch(idx)
-        if b.input_ids.shape[0] == 0:
-            continue
-        ids = mx.array(b.input_ids)
-        px = mx.array(b.pixel_values) if b.pixel_values is not None else None
-        ls, n = masked_ce(model(ids, px), ids, mx.array(b.labels_mask))
-        total += float(ls)
-        count += float(n)
+    from .evaluate import per_sample_ce
+
+    sums, counts = per_sample_ce(model, dataset, image_processor, pad_id, batch_size)
+    total, count = float(sums.sum()), float(counts.sum())
     loss = total / max(count, 1.0)
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": int(count), "samples": len(dataset)}
