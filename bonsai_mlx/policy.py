@@ -96,7 +96,7 @@ def fast_gelu_tanh(x: mx.array) -> mx.array:
     return 0.5 * x * (1.0 + _tanh_rational(0.7978845608028654 * (x + 0.044715 * x * x * x)))
 
 
-@mx.compile
+@partial(mx.compile, shapeless=True)  # shapeless: decode grows the key axis every token (no recompiles)
 def _fast_softmax(scores: mx.array) -> mx.array:
     """softmax over the last axis with exp(s) = (1 + tanh(s/2)) / (1 - tanh(s/2)) for s ≤ 0 (after subtracting the
     max); entries below e^-15.8 (≈1e-7 of the largest) become 0."""
@@ -175,7 +175,7 @@ class CPUAttention(nn.Module):
 
 
 def fast_activations_ok(x: mx.array) -> bool:
-    """Use the polynomial paths only for float32 on the CPU with the policy on."""
+    """Use the rational-tanh paths only for float32 on the CPU with the policy on."""
     return x.dtype == mx.float32 and on_cpu() and enabled()
 
 
@@ -185,7 +185,7 @@ def gelu_tanh(x: mx.array) -> mx.array:
 
 class CPUSwiGLUMLP(nn.Module):
     """Stands in for mlx-lm's Qwen2/Llama `MLP` class (same `gate_proj`/`up_proj`/`down_proj` weights) with the
-    SwiGLU on `fast_exp` on the CPU."""
+    SwiGLU on the rational tanh on the CPU."""
 
     def __call__(self, x: mx.array) -> mx.array:
         g, u = self.gate_proj(x), self.up_proj(x)
