@@ -45,7 +45,7 @@ class VisionConfig:
 
 _ACTIVATIONS = {
     # transformers ACT2FN names → MLX. SigLIP uses the tanh approximation ("gelu_pytorch_tanh"); on the CPU it runs
-    # on the CPU it runs on policy.fast_gelu_tanh (MLX's CPU tanh is slow), elsewhere it is nn.gelu_approx.
+    # as policy.fast_gelu_tanh (MLX's CPU tanh is slow), elsewhere as nn.gelu_approx.
     "gelu_pytorch_tanh": gelu_tanh,
     "gelu_new": gelu_tanh,
     "gelu_fast": gelu_tanh,
