@@ -11,6 +11,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import build_llava, build_teacher, make_shapes_data, train_llama_tokenizer
+from mlx.utils import tree_flatten
 
 from bonsai_mlx.distill import AlignProjectors, TargetBuilder, distill_terms
 from bonsai_mlx.trainer import TrainConfig, Trainer
@@ -169,3 +170,29 @@ def test_hsd_resume_after_kill_is_exact(world, tmp_path):
     for f in ("adapters.safetensors", "projector.safetensors", "align.safetensors"):
         wa, wb = mx.load(str(a / "checkpoint" / f)), mx.load(str(b / "checkpoint" / f))
         assert all(mx.array_equal(wa[k], wb[k]).item() for k in wa), f
+
+
+def test_hsd_with_full_lm_and_vision_training(world, tmp_path):
+    """HSD combines with --train-lm full / --train-vision (the setup of a student that starts random): every
+    component trains, the align projectors are saved beside weights.safetensors, and the checkpoint reloads."""
+    _, student, _, cache = world
+    run = tmp_path / "full"
+    t = Trainer(cfg(world, run, phase="hsd", teacher_cache=str(cache), alpha=0.5, quantize="none", train_lm="full",
+                    train_vision=True, lora_dropout=0.0, max_steps=4), log=lambda m: None)
+    before = {k: np.array(v) for k, v in tree_flatten(t.model.parameters())}
+    t.train()
+    after = {k: np.array(v) for k, v in tree_flatten(t.model.parameters())}
+    for prefix in ("vision_tower.", "language_model.", "multi_modal_projector.", "align."):
+        assert any(not np.array_equal(before[k], after[k]) for k in before if k.startswith(prefix)), prefix
+    m = metrics(run)
+    assert len(m) == 4 and all(np.isfinite(x["l_text"]) and x["l_text"] > 0 for x in m)
+    ck = run / "checkpoint"
+    assert (ck / "weights.safetensors").exists() and (ck / "align.safetensors").exists()
+    saved = mx.load(str(ck / "weights.safetensors"))
+    assert not any(k.startswith("align.") for k in saved)
+    from bonsai_mlx.generate import load
+
+    model, _ = load(student, adapter=ck)
+    for k in ("vision_tower.vision_model.embeddings.patch_embedding.weight", "language_model.model.norm.weight"):
+        got = dict(tree_flatten(model.parameters()))[k]
+        assert np.array_equal(np.array(got), after[k]), k
