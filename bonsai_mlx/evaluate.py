@@ -167,8 +167,11 @@ class Evaluator:
         return self.processor.tokenizer._tokenizer.decode(out)
 
     def next_token_logits(self, turns, image):
-        ids, emb = self.prompt_embeddings(turns, image)
-        logits = self.model.language_model(ids[None], input_embeddings=emb[None])  # [1, T, V]
+        from .language import lm_forward
+
+        _, emb = self.prompt_embeddings(turns, image)
+        # last position only: full-prompt logits would be 151936 × T floats for Qwen
+        logits, _ = lm_forward(self.model.language_model, emb[None], last_only=True)  # [1, 1, V]
         return logits[0, -1]
 
 
