@@ -244,6 +244,7 @@ def info(model, adapter, as_json):
 @click.option("--out", metavar="RUN_DIR", default=None, help="Run directory: checkpoint/, metrics.jsonl, config.json.")
 @click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None,
               help="YAML file with any of these options (keys like batch_size or batch-size); flags override it.")
+@click.option("--limit", type=int, default=None, help="Train on the first N records of --data only [all].")
 @click.option("--max-steps", type=int, default=None, help="Optimizer steps to train (default: one epoch).")
 @click.option("--epochs", type=float, default=None, help="Epochs to train instead of --max-steps.")
 @click.option("--batch-size", type=int, default=None, help="Sequences per micro-batch [4].")
@@ -285,6 +286,8 @@ def info(model, adapter, as_json):
 @click.option("--image-layer", metavar="S:T", default=None,
               help="hsd: student:teacher pair for L_img [cache's image layer at the same relative depth].")
 @click.option("--lr-align", type=float, default=None, help="hsd: learning rate of the alignment projectors [1e-3].")
+@click.option("--standardize/--no-standardize", default=None,
+              help="hsd: standardize teacher states per channel with the cache's mean/std [on]; off: raw states.")
 def train(config_file, resume, compile_, **opts):
     """Train the student: QLoRA SFT on LLaVA-Instruct-format data, or HSD with a teacher cache.
 

@@ -159,11 +159,14 @@ class TargetBuilder:
     """Per-batch distillation targets (NumPy, in the loader thread): gather indices into the flattened [B*T] student
     states, standardized teacher targets, and weights (0 for padding)."""
 
-    def __init__(self, cache: TeacherCache, text_pairs, image_pair, image_token_id: int):
+    def __init__(self, cache: TeacherCache, text_pairs, image_pair, image_token_id: int, standardize: bool = True):
         self.cache, self.text_pairs, self.image_pair, self.image_token_id = cache, text_pairs, image_pair, image_token_id
         st = cache.stats
         self.norm = {t: (st[f"mean.L{t}"], st[f"std.L{t}"]) for _, t in text_pairs}
-        if image_pair:
+        if not standardize:  # raw teacher states (an ablation: outlier channels then dominate the MSE)
+            self.norm = {t: (np.float32(0.0), np.float32(1.0)) for t in self.norm}
+            self.img_norm = (np.float32(0.0), np.float32(1.0))
+        elif image_pair:
             t = image_pair[1]
             self.img_norm = (st.get(f"image_mean.L{t}", st.get(f"mean.L{t}")), st.get(f"image_std.L{t}",
                                                                                       st.get(f"std.L{t}")))

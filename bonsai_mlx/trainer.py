@@ -49,6 +49,7 @@ class TrainConfig:
     image_root: Optional[str] = None
     out: Optional[str] = None
     eval_data: Optional[str] = None
+    limit: Optional[int] = None  # train on the first N records only (the dataset hash stays the file's)
     max_steps: Optional[int] = None
     epochs: Optional[float] = None
     batch_size: int = 4
@@ -82,6 +83,7 @@ class TrainConfig:
     text_layers: Optional[str] = None
     image_layer: Optional[str] = None
     lr_align: float = 1e-3
+    standardize: bool = True
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -108,6 +110,8 @@ class TrainConfig:
             raise BonsaiError(f"--quantize must be 4, 8 or none, got {self.quantize!r}")
         if self.dtype not in _DTYPES:
             raise BonsaiError(f"--dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.limit is not None and int(self.limit) < 1:
+            raise BonsaiError("--limit must be at least 1")
         for name in ("batch_size", "grad_accum", "lora_rank", "max_seq_len"):
             if int(getattr(self, name)) < 1:
                 raise BonsaiError(f"--{name.replace('_', '-')} must be at least 1")
@@ -259,7 +263,8 @@ class Trainer:
         self.image_processor = ImageProcessor.from_pretrained(model_path, default_size=mcfg.vision_config.image_size)
 
         self.data_sha = file_sha256(cfg.data)
-        self.train_set = SFTDataset(read_records(cfg.data), self.tokenizer, cfg.image_root, mcfg.image_seq_length,
+        records = read_records(cfg.data)
+        self.train_set = SFTDataset(records[: cfg.limit] if cfg.limit else records, self.tokenizer, cfg.image_root, mcfg.image_seq_length,
                                     cfg.max_seq_len, cfg.system, cfg.strict, source=str(cfg.data))
         self.text_pairs, self.image_pair, extras = [], None, None
         if cfg.phase == "hsd":
@@ -329,7 +334,8 @@ class Trainer:
                 self.train_set._skip("not_in_teacher_cache", smp.record_id, "record is not in the teacher cache")
         self.train_set.samples = kept
         self.cache = cache
-        return TargetBuilder(cache, self.text_pairs, self.image_pair, mcfg.image_token_index)
+        return TargetBuilder(cache, self.text_pairs, self.image_pair, mcfg.image_token_index,
+                             standardize=cfg.standardize)
 
     def _build_step(self):
         cfg = self.cfg

@@ -128,6 +128,23 @@ def test_l_text_equals_numpy_reference():
     assert abs(got - np.mean(errs)) <= 1e-5 and float(li) == 0.0
 
 
+def test_no_standardize_gives_the_raw_teacher_states():
+    rng = np.random.default_rng(1)
+    D = 6
+    x = rng.standard_normal((3, D)).astype(np.float32) * 5 + 2
+    img = rng.standard_normal((2, D)).astype(np.float32) * 3
+    entries = {0: {"positions": np.array([0, 1, 2]), "text": {4: x}, "image": {4: img}}}
+    stats = {"mean.L4": np.full(D, 2.0, np.float32), "std.L4": np.full(D, 5.0, np.float32)}
+    ids = np.array([[1, 99, 99, 3]], np.int32)
+    args = (FakeCache(entries, stats, D), [(1, 4)], (1, 4))
+    z = TargetBuilder(*args, image_token_id=99)([S(0, "a.png")], ids)
+    raw = TargetBuilder(*args, image_token_id=99, standardize=False)([S(0, "a.png")], ids)
+    np.testing.assert_allclose(raw["text_target_0"][:3], x)
+    np.testing.assert_allclose(raw["image_target"], img)
+    np.testing.assert_allclose(z["text_target_0"][:3], (x - 2) / 5, rtol=1e-6)
+    np.testing.assert_allclose(z["image_target"], (img - 2) / 5, rtol=1e-6)
+
+
 def test_mismatched_cache_is_refused(world, tmp_path, tokenizer):
     root, student, data, cache = world
     other = tmp_path / "other.json"

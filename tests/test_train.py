@@ -145,6 +145,16 @@ def test_bad_records_are_skipped_and_counted(setup, tmp_path):
     assert len([x for x in res.stderr.splitlines() if x.strip()]) == 1
 
 
+def test_limit_trains_on_the_first_records(setup, tmp_path):
+    root, student, data = setup
+    res = cli("train", "--model", str(student), "--data", str(data), "--image-root", str(data.parent / "images"),
+              "--out", str(tmp_path / "run"), "--max-steps", "2", "--batch-size", "2", "--limit", "3")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"{data}: 3 of 3 records usable" in res.stderr
+    res = cli("train", "--model", str(student), "--data", str(data), "--out", str(tmp_path / "r0"), "--limit", "0")
+    assert res.returncode == 1 and res.stderr.strip() == "error: --limit must be at least 1"
+
+
 def test_config_yaml_flags_override_and_json_errors(setup, tmp_path):
     root, student, data = setup
     y = tmp_path / "c.yaml"
