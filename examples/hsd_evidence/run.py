@@ -382,7 +382,17 @@ def report(p: Plan, results: List[dict], teacher_eval: dict, cache_manifest: dic
                  f"(over {len(p.seeds)} seeds) lie above 0.")
     if lost:
         L.append(" HSD was worse than SFT (CI below 0) in: " + "; ".join(lost) + ".")
-    L.append(" Every other cell is a tie within the seeds' spread.\n")
+    L.append(" Every other cell is a tie within the seeds' spread.")
+    fam = {}
+    for (name, _), c in cells.items():
+        v = next(x for x in p.variants if x.name == name)
+        if c["delta"] is not None and not v.ablation:
+            fam.setdefault("text+image" if v.image else "text only", []).append(c["delta"][0])
+    n_cells = sum(1 for c in cells.values() if c["delta"] is not None)
+    L.append(" Sign of the mean Δ per family (α × fraction cells): " + "; ".join(
+        f"{k}: {sum(d > 0 for d in ds)} of {len(ds)} above 0, mean {sum(ds) / len(ds):+.3f}" for k, ds in fam.items())
+        + f". (The {n_cells} cells are uncorrected tests at 95%: about {0.025 * n_cells:.1f} cells would land above 0 by "
+        "chance if HSD did nothing, so read the families, not single cells.)\n")
     tried = sorted({v.label for v in p.variants if v.alpha > 0})
     L.append(f"Variants tried: {'; '.join(tried)}. Text layer pairs (student:teacher hidden-state index): the "
              f"trainer's default 3:4 (last:last) unless named; image term: student layer 2 ↔ teacher layer "
@@ -429,6 +439,8 @@ def report(p: Plan, results: List[dict], teacher_eval: dict, cache_manifest: dic
                     "" if c is None or c["delta"] is None else fmt(*c["delta"], signed=True)]
         L.append("| " + " | ".join(row) + " |")
     L.append(f"\n![accuracy and HSD − SFT]({png.name})\n")
+    L.append(f"Every run's numbers (accuracy overall and per type, final CE and distillation terms, coverage, times): "
+             f"[`{doc.with_suffix('.json').name}`]({doc.with_suffix('.json').name}).\n")
     L.append("## Per question type\n")
     L.append("Accuracy per type (mean ± 95% CI over seeds), teacher first.\n")
     for f in p.fractions:
@@ -545,6 +557,10 @@ def main(argv=None) -> int:
     examples["eval"] = (f"bonsai-mlx eval --task vqa --model {students[p.seeds[0]]} --adapter RUN/checkpoint "
                         f"--data {data / 'eval.json'} --image-root {data} --out RUN/eval.json")
     (p.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    # beside the doc too: the per-run numbers behind every cell (small; the doc links it)
+    doc.with_suffix(".json").write_text(json.dumps({"teacher": {k: v for k, v in teacher_eval.items()
+                                                                if k != "predictions"},
+                                                    "runs": results}, indent=1) + "\n")
     report(p, results, teacher_eval, manifest, doc, doc.with_suffix(".png"), sum(stage_s.values()), argv,
            stage_s, examples, sum(len(r["conversations"]) // 2 for r in json.loads((data / "train.json").read_text())))
     log(f"report → {doc} (plot {doc.with_suffix('.png')}); results → {p.out / 'results.json'}; "
