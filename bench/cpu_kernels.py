@@ -53,11 +53,12 @@ def main():
 
     import mlx.nn as nn
 
-    from bonsai_mlx.policy import fast_gelu_tanh, fast_sdpa, fast_swiglu
+    from bonsai_mlx.policy import fast_gelu_tanh, fast_sdpa, fast_swiglu, sliced_head
 
     g, u, h = mx.random.normal((240, 4864)) * 3, mx.random.normal((240, 4864)), mx.random.normal((196, 3072)) * 3
     q, k, v = mx.random.normal((1, 14, 240, 64)), mx.random.normal((1, 2, 240, 64)), mx.random.normal((1, 2, 240, 64))
     vq, vk, vv = (mx.random.normal((1, 12, 196, 64)) for _ in range(3))
+    head, x1 = mx.random.normal((151936, 896)), mx.random.normal((1, 896))
     cases = [
         ("SwiGLU 240x4864", lambda: nn.silu(g) * u, lambda: fast_swiglu(g, u)),
         ("tanh-GELU 196x3072", lambda: nn.gelu_approx(h), lambda: fast_gelu_tanh(h)),
@@ -65,6 +66,7 @@ def main():
          lambda: fast_sdpa(q, k, v, 0.125, "causal")),
         ("attention 12x196^2", lambda: mx.fast.scaled_dot_product_attention(vq, vk, vv, scale=0.125),
          lambda: fast_sdpa(vq, vk, vv, 0.125)),
+        ("tied head decode 1x151936", lambda: x1 @ head.T, lambda: sliced_head(x1, head)),
     ]
     print(f"\n{'':28}{'MLX ms':>9}{'fast ms':>9}{'speed-up':>10}{'max |diff|':>12}")
     for name, ref, fast in cases:

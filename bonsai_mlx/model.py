@@ -82,9 +82,10 @@ class LlavaModel(nn.Module):
             num_feature_layers=len(config.feature_layers()),
         )
         self.language_model = build_language_model(config.text_config)
-        from .policy import use_fast_cpu_layers
+        from .policy import raise_cpu_cache_limit, use_fast_cpu_layers
 
-        use_fast_cpu_layers(self.language_model)  # CPU fast paths for SwiGLU and attention (same weights and names)
+        use_fast_cpu_layers(self.language_model)  # CPU fast paths: SwiGLU, attention, tied head (same weights, names)
+        raise_cpu_cache_limit()  # reuse freed buffers instead of page-faulting them in again (policy.py)
 
     # --- vision ---------------------------------------------------------------------------------------------------
     def _hidden_state_indices(self) -> List[int]:

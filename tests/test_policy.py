@@ -84,3 +84,28 @@ def test_fast_cpu_functions_match_mlx():
         ga = mx.grad(lambda *a: (f(*a, True) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
         gb = mx.grad(lambda *a: (f(*a, False) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
         assert max(float(mx.abs(a - b).max()) for a, b in zip(ga, gb, strict=True)) < 1e-4
+
+
+def test_sliced_tied_head_equals_the_full_product_and_decode_uses_it(tmp_path, tokenizer, monkeypatch):
+    from bonsai_mlx import policy
+
+    rng = np.random.default_rng(0)
+    W = mx.array(rng.standard_normal((5 * 2048 + 77, 64)).astype(np.float32))  # last slice shorter
+    x = mx.array(rng.standard_normal((1, 1, 64)).astype(np.float32))
+    full, sliced = np.array(x @ W.T), np.array(policy.sliced_head(x, W))
+    assert sliced.shape == full.shape and np.abs(sliced - full).max() <= 1e-4 * np.abs(full).max()
+
+    d, _ = build_llava(tmp_path / "m", tokenizer)
+    model = load_model(d)
+    head = model.language_model.model.embed_tokens
+    assert type(head) is policy.CPUTiedHead
+    monkeypatch.setattr(policy, "HEAD_SLICE_ROWS", 16)  # the tiny vocabulary in several slices
+    calls = []
+    real = policy.sliced_head
+    monkeypatch.setattr(policy, "sliced_head", lambda *a: calls.append(a[0].shape) or real(*a))
+    h = mx.array(rng.standard_normal((1, PREFILL_ROWS, head.weight.shape[1])).astype(np.float32))
+    many = np.array(head.as_linear(h))  # prefill-sized: the plain product
+    assert not calls
+    one = np.array(head.as_linear(h[:, -1:]))  # decode: sliced
+    assert calls and np.abs(one[0, 0] - many[0, -1]).max() <= 1e-5
+    assert mx.set_cache_limit(policy.CPU_CACHE_LIMIT) >= policy.CPU_CACHE_LIMIT  # the model raised it
