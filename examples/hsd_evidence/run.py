@@ -168,8 +168,8 @@ def make_students(p: Plan, data: Path) -> Dict[int, Path]:
                             echo=lambda m: None)
             shutil.rmtree(raw)
         out[s] = d
-    shas = {(d / "tokenizer.json").read_bytes() for d in out.values()}
-    if len(shas) != 1:
+    tokenizers = {(d / "tokenizer.json").read_bytes() for d in out.values()}
+    if len(tokenizers) != 1:
         raise SystemExit("error: the seeds' students got different tokenizers; one teacher cache cannot serve them")
     return out
 
@@ -487,7 +487,7 @@ def report(p: Plan, results: List[dict], teacher_eval: dict, cache_manifest: dic
 # --- main ------------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Stages: see the module docstring.")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("hsd-evidence"), help="working folder (resumes) [hsd-evidence]")
     ap.add_argument("--doc", type=Path, default=None, help="markdown report to write [OUT/hsd_evidence.md]; the PNG "
                     "goes beside it")
