@@ -195,8 +195,8 @@ class CPUSwiGLUMLP(nn.Module):
 
 
 # decode (fewer than PREFILL_ROWS rows) multiplies the tied LM head in slices of this many vocabulary rows on the
-# CPU: OpenBLAS reads a [2048, 896] slice at ~17 GB/s but the whole [151936, 896] (545 MB) at ~11
-# (`python bench/cpu_kernels.py`: 50 → 39 ms per token)
+# CPU: OpenBLAS reads a [2048, 896] slice faster than the whole [151936, 896] (545 MB) at once
+# (`python bench/cpu_kernels.py`: 60.7 → 46.2 ms per token)
 HEAD_SLICE_ROWS = 2048
 
 
@@ -217,10 +217,10 @@ class CPUTiedHead(nn.Embedding):
         return super().as_linear(x)
 
 
-# MLX's CPU allocator keeps only 32 MB of freed buffers by default; the rest go back to malloc, and the next
-# prefill page-faults them in again (2.7 M minor faults over 7 prefills of the real student). With 1 GB kept, the
-# 287-token LM prefill goes from 2.35-2.43 s to 1.53-1.72 s at the same peak memory and maximum RSS (the cache held
-# 152 MB). `python bench/cpu_inference.py` measures it end to end.
+# MLX's CPU allocator keeps only 32 MB of freed buffers by default; the rest go back to malloc, and a later prefill
+# may page-fault them in again. With 1 GB kept (`python bench/cpu_prefill.py`, fresh processes, 287 tokens): minor
+# faults per prefill 12,698 → 10, median 1.62 → 1.39 s (best 1.36 vs 1.38 s), peak memory 2.43 GB both;
+# `python bench/cpu_inference.py` measures it end to end.
 CPU_CACHE_LIMIT = 1 << 30
 
 

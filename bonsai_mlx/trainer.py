@@ -264,7 +264,8 @@ class Trainer:
 
         self.data_sha = file_sha256(cfg.data)
         records = read_records(cfg.data)
-        self.train_set = SFTDataset(records[: cfg.limit] if cfg.limit else records, self.tokenizer, cfg.image_root, mcfg.image_seq_length,
+        records = records[: cfg.limit] if cfg.limit else records  # indices stay the file's (the teacher cache's)
+        self.train_set = SFTDataset(records, self.tokenizer, cfg.image_root, mcfg.image_seq_length,
                                     cfg.max_seq_len, cfg.system, cfg.strict, source=str(cfg.data))
         self.text_pairs, self.image_pair, extras = [], None, None
         if cfg.phase == "hsd":
