@@ -67,6 +67,30 @@ def test_kv_cached_decoding_equals_full_recomputation(student, tmp_path):
         seq.append(tok)
 
 
+def test_one_pass_prefill_equals_full_forward_and_chunks(student, tmp_path):
+    # generate's prefill runs the whole prompt at once and the LM head on the last position only; chunked (long
+    # prompts) it must fill the same KV cache and give the same logits
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from bonsai_mlx.generate import prefill, prepare_inputs
+
+    d, _ = student
+    model, processor = load(d)
+    img = str(_pictures(tmp_path)[1])
+    ids, embeds, _ = prepare_inputs(model, processor, "Describe it.", image=img)
+    full = model(ids[None], mx.array(processor.image_processor([img])))[0, -1]  # [V]
+    caches = []
+    for step in (2048, 7):
+        cache = make_prompt_cache(model.language_model)
+        logits = prefill(model, embeds, cache, step=step)
+        assert logits.shape == (1, full.shape[0])
+        assert np.abs(np.array(logits[0]) - np.array(full)).max() <= 1e-4, step
+        assert cache[0].offset == len(ids)
+        caches.append(cache)
+    k0, k1 = caches[0][-1].state[0], caches[1][-1].state[0]
+    assert np.abs(np.array(k0[..., : len(ids), :]) - np.array(k1[..., : len(ids), :])).max() <= 1e-4
+
+
 def test_temperature_sampling_is_seeded(student):
     d, _ = student
     model, processor = load(d)
