@@ -39,6 +39,32 @@ def test_dequantized_prefill_equals_quantized_kernel(tmp_path, tokenizer, monkey
     assert np.abs(with_policy - plain).max() <= 1e-4
 
 
+def test_sliced_dequantized_matmul_equals_whole_dequantize(monkeypatch):
+    """The slices (output rows when N >= K, summed input columns otherwise) give the whole product, values and
+    gradients, for every bit width whose packing the column slices cut."""
+    from bonsai_mlx import policy
+
+    monkeypatch.setattr(policy, "DEQUANT_SLICE", 40 * 64)  # several slices of these small weights
+    rng = np.random.default_rng(0)
+    for (n, k), bits in [((96, 128), 4), ((40, 384), 4), ((40, 384), 3), ((40, 384), 8), ((256, 64), 2)]:
+        w = mx.array(rng.standard_normal((n, k)).astype(np.float32))
+        wq, scales, biases = mx.quantize(w, group_size=64, bits=bits)
+        x = mx.array(rng.standard_normal((2, 9, k)).astype(np.float32))
+        q = (wq, scales, biases, 64, bits)
+
+        def whole(x, q=q):
+            return x @ mx.dequantize(*q).T
+
+        def sliced(x, q=q):
+            return policy.dequantized_matmul(x, *q)
+
+        assert sliced(x).shape == whole(x).shape
+        assert np.abs(np.array(sliced(x)) - np.array(whole(x))).max() <= 1e-4, (n, k, bits)
+        g_whole = mx.grad(lambda x, f=whole: f(x).sum())(x)
+        g_sliced = mx.grad(lambda x, f=sliced: f(x).sum())(x)
+        assert np.abs(np.array(g_sliced) - np.array(g_whole)).max() <= 1e-4, (n, k, bits)
+
+
 def test_bf16_checkpoint_is_upcast_on_cpu(tmp_path, tokenizer):
     d, _ = build_llava(tmp_path / "m", tokenizer)
     m = load_model(d)
