@@ -155,23 +155,44 @@ def _attention_core_vjp(primals, cotangent, output):
     return ds @ k, ds.swapaxes(-1, -2) @ q, dv, mx.zeros_like(bias)
 
 
+# causal attention over many queries runs in query chunks of about this many rows, each against only the keys it can
+# see (the chunked causal attention of flash-attention-style kernels): ~2/3 of the scores at 288 tokens
+CAUSAL_CHUNK = 96
+
+
 def fast_sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) -> mx.array:
-    """`mx.fast.scaled_dot_product_attention` (q [B, H, L, D], k/v [B, Hk, S, D], GQA by repetition) with
-    `_fast_softmax`. mask: None, "causal" (queries are the last L of the S positions) or a boolean / additive array."""
-    L, H = q.shape[2], q.shape[1]
+    """`mx.fast.scaled_dot_product_attention` (q [B, H, L, D], k/v [B, Hk, S, D]) with `_fast_softmax`.
+    mask: None, "causal" (queries are the last L of the S positions) or a boolean / additive array.
+
+    With no mask or "causal", GQA needs no copies of K/V: the H // Hk query heads that share a KV head become rows
+    of one product ([B, Hk, g·L, D] @ [B, Hk, D, S]), and causal queries go in chunks of CAUSAL_CHUNK rows against
+    the keys they see. `python bench/cpu_kernels.py`: 14 heads × 288², 2 KV heads, 9.5 → 6.4 ms, equal results."""
+    B, H, L, D = q.shape
     S, Hk = k.shape[2], k.shape[1]
+    neg = mx.array(-1e30, q.dtype)
+    if mask is None or isinstance(mask, str):
+        if mask not in (None, "causal"):
+            raise ValueError(f"unsupported mask {mask!r}")
+        g = H // Hk
+        qg = (q * scale).reshape(B, Hk, g, L, D)
+        n = max(1, round(L / CAUSAL_CHUNK)) if mask == "causal" else 1
+        bounds = [L * i // n for i in range(n + 1)]
+        outs = []
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            e = S - L + b if mask == "causal" else S  # keys this chunk's queries see
+            if mask == "causal":
+                keep = (mx.arange(a, b)[:, None] + (S - L)) >= mx.arange(e)[None]
+                bias = mx.tile(mx.where(keep, mx.array(0.0, q.dtype), neg), (g, 1))  # [g·(b-a), e]
+            else:
+                bias = mx.zeros((1, 1), q.dtype)
+            rows = qg[:, :, :, a:b].reshape(B, Hk, g * (b - a), D)
+            out = _attention_core(rows, k[:, :, :e], v[:, :, :e], bias)  # [B, Hk, g·(b-a), D]
+            outs.append(out.reshape(B, Hk, g, b - a, D))
+        out = outs[0] if n == 1 else mx.concatenate(outs, axis=3)
+        return out.reshape(B, H, L, D)
     if Hk != H:
         k, v = mx.repeat(k, H // Hk, axis=1), mx.repeat(v, H // Hk, axis=1)
-    neg = mx.array(-1e30, q.dtype)
-    if isinstance(mask, str):
-        if mask != "causal":
-            raise ValueError(f"unsupported mask {mask!r}")
-        keep = (mx.arange(L)[:, None] + (S - L)) >= mx.arange(S)[None]
-        bias = mx.where(keep, mx.array(0.0, q.dtype), neg)  # [L, S]
-    elif mask is None:
-        bias = mx.zeros((1, 1), q.dtype)
-    else:
-        bias = mx.where(mask, mx.array(0.0, q.dtype), neg) if mask.dtype == mx.bool_ else mask.astype(q.dtype)
+    bias = mx.where(mask, mx.array(0.0, q.dtype), neg) if mask.dtype == mx.bool_ else mask.astype(q.dtype)
     return _attention_core(q * scale, k, v, bias)
 
 

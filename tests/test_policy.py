@@ -81,12 +81,16 @@ def test_bf16_checkpoint_is_upcast_on_cpu(tmp_path, tokenizer):
     assert on.stdout.strip() == "mlx.core.float32" and off.stdout.strip() == "mlx.core.bfloat16", (on, off)
 
 
-def test_fast_cpu_functions_match_mlx():
+def test_fast_cpu_functions_match_mlx(monkeypatch):
     """The CPU fast paths (rational tanh for SwiGLU / tanh-GELU, fast-softmax attention with its own backward) give
-    MLX's results and gradients within float32 tolerance, for causal, boolean, additive and no masks and GQA."""
+    MLX's results and gradients within float32 tolerance, for causal (in query chunks too), boolean, additive and no
+    masks, GQA, and single-query decode."""
     import mlx.nn as nn
 
+    from bonsai_mlx import policy
     from bonsai_mlx.policy import fast_gelu_tanh, fast_sdpa, fast_swiglu, fast_tanh
+
+    monkeypatch.setattr(policy, "CAUSAL_CHUNK", 3)  # 7 causal queries → 2 chunks
 
     y = mx.linspace(-60, 60, 100001)
     assert float(mx.abs(fast_tanh(y) - mx.tanh(y)).max()) < 1e-6
@@ -110,6 +114,9 @@ def test_fast_cpu_functions_match_mlx():
         ga = mx.grad(lambda *a: (f(*a, True) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
         gb = mx.grad(lambda *a: (f(*a, False) ** 2).sum(), argnums=(0, 1, 2))(q, k, v)
         assert max(float(mx.abs(a - b).max()) for a, b in zip(ga, gb, strict=True)) < 1e-4
+    for mask in (None, "causal"):  # decode: one query against the whole cache
+        want = mx.fast.scaled_dot_product_attention(q[:, :, -1:], k, v, scale=0.35, mask=mask)
+        assert float(mx.abs(fast_sdpa(q[:, :, -1:], k, v, 0.35, mask) - want).max()) < 1e-5
 
 
 def test_sliced_tied_head_equals_the_full_product_and_decode_uses_it(tmp_path, tokenizer, monkeypatch):
