@@ -70,7 +70,9 @@ def lm_forward(
         cache: mlx-lm KV caches (one per layer) or None.
         output_hidden_states: also return transformers-style hidden states: [embeddings, layer 1, …, layer N-1,
             final-norm(layer N)] — exactly `output_hidden_states=True` of transformers' Qwen2/Llama models.
-        last_only: compute logits for the last position only (prefill for generation).
+        last_only: compute logits for the last position only (prefill for generation); with a KV cache the last
+            layer then runs its queries, attention and MLP for that position only (`_tail_block`).
+        compute_logits: False: only fill the cache (a prefill chunk); then returns (None, None).
 
     Returns:
         (logits [B, T or 1, V] or None, hidden_states list or None)
@@ -82,10 +84,16 @@ def lm_forward(
         cache = [None] * len(layers)
     mask = create_attention_mask(h, cache[0])
     hidden_states = [h] if output_hidden_states else None
-    for layer, c in zip(layers, cache, strict=True):
+    # prefill: when at most the last position's output is wanted, the last layer only needs K/V for every position
+    tail = (last_only or not compute_logits) and not output_hidden_states and _tail_ok(layers[-1], cache[-1])
+    for layer, c in zip(layers[:-1] if tail else layers, cache, strict=False):
         h = layer(h, mask, c)
         if output_hidden_states:
             hidden_states.append(h)
+    if tail:
+        h = _tail_block(layers[-1], h, cache[-1], keep=compute_logits)
+        if h is None:
+            return None, None
     h = inner.norm(h)
     if output_hidden_states:
         hidden_states[-1] = h  # transformers replaces the last entry with the normed output
@@ -95,6 +103,43 @@ def lm_forward(
             h = h[:, -1:]
         logits = lm_head(lm, h)
     return logits, hidden_states
+
+
+def _tail_ok(layer: nn.Module, cache) -> bool:
+    """`_tail_block` reproduces mlx-lm's Qwen2 / Llama TransformerBlock, without a cache or with a plain KVCache."""
+    from mlx_lm.models.cache import KVCache
+
+    attn = getattr(layer, "self_attn", None)
+    return (
+        (cache is None or type(cache) is KVCache)
+        and type(layer).__module__ in ("mlx_lm.models.qwen2", "mlx_lm.models.llama")
+        and all(hasattr(attn, a) for a in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "n_heads", "n_kv_heads"))
+    )
+
+
+def _tail_block(layer: nn.Module, h: mx.array, cache, keep: bool) -> Optional[mx.array]:
+    """The last decoder layer when only the last position's output is needed (`keep`) or none (a prefill chunk
+    that only fills the cache): keys/values of every position go to the cache, but queries, attention and the MLP
+    run for the last row only — exactly the rows mlx-lm's TransformerBlock would have given there (llama.cpp skips
+    the unused rows of its last layer the same way). h [B, L, D] → [B, 1, D] or None."""
+    from .policy import sdpa
+
+    attn = layer.self_attn
+    B, L, _ = h.shape
+    r = layer.input_layernorm(h)  # [B, L, D]
+    offset = cache.offset if cache is not None else 0
+    keys = attn.k_proj(r).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, Hk, L, Dh]
+    values = attn.v_proj(r).reshape(B, L, attn.n_kv_heads, -1).transpose(0, 2, 1, 3)
+    keys = attn.rope(keys, offset=offset)
+    if cache is not None:
+        keys, values = cache.update_and_fetch(keys, values)
+    if not keep:
+        return None
+    q = attn.q_proj(r[:, -1:]).reshape(B, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, 1, Dh]
+    q = attn.rope(q, offset=offset + L - 1)
+    out = sdpa(q, keys, values, attn.scale, None, cache)  # the last query sees every key: no mask
+    x = h[:, -1:] + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, 1, -1))
+    return x + layer.mlp(layer.post_attention_layernorm(x))
 
 
 def lm_head(lm: nn.Module, h: mx.array) -> mx.array:

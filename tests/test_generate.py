@@ -80,15 +80,25 @@ def test_one_pass_prefill_equals_full_forward_and_chunks(student, tmp_path):
     ids, embeds, _ = prepare_inputs(model, processor, "Describe it.", image=img)
     full = model(ids[None], mx.array(processor.image_processor([img])))[0, -1]  # [V]
     caches = []
-    for step in (2048, 7):
+    for step in (2048, 7):  # one pass; chunks of 7
         cache = make_prompt_cache(model.language_model)
         logits = prefill(model, embeds, cache, step=step)
         assert logits.shape == (1, full.shape[0])
         assert np.abs(np.array(logits[0]) - np.array(full)).max() <= 1e-4, step
         assert cache[0].offset == len(ids)
         caches.append(cache)
-    k0, k1 = caches[0][-1].state[0], caches[1][-1].state[0]
-    assert np.abs(np.array(k0[..., : len(ids), :]) - np.array(k1[..., : len(ids), :])).max() <= 1e-4
+    # the reference: every layer on every row (mlx-lm's own blocks), logits for all positions
+    from bonsai_mlx.language import lm_forward
+
+    ref_cache = make_prompt_cache(model.language_model)
+    ref_logits, _ = lm_forward(model.language_model, embeds[None], ref_cache)
+    no_cache, _ = lm_forward(model.language_model, embeds[None], last_only=True)  # the eval path
+    assert np.abs(np.array(no_cache[0, -1]) - np.array(ref_logits[0, -1])).max() <= 1e-4
+    for cache in caches:  # the last layer computed only its K/V for all rows: the caches are the reference's
+        for got, want in zip(cache, ref_cache, strict=True):
+            assert got.offset == want.offset == len(ids)
+            for a, b in zip(got.state[:2], want.state[:2], strict=True):  # keys, values
+                assert np.abs(np.array(a[..., : len(ids), :]) - np.array(b[..., : len(ids), :])).max() <= 1e-4
 
 
 def test_temperature_sampling_is_seeded(student):
