@@ -1,8 +1,12 @@
-"""Shared helpers for the benchmarks: a real-size random-weight student (no download needed)."""
+"""Shared helpers for the benchmarks: a real-size random-weight student (no download needed), alternating worker
+processes."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -49,3 +53,15 @@ def real_size_student(dtype=mx.float32, quantize=None, seed=0):
 
 def median(xs):
     return statistics.median(xs)
+
+
+def alternating_rounds(script: str, settings: dict, rounds: int) -> dict:
+    """{name: [result, ...]}: `python script --worker *args` for every setting (name → args), `rounds` times,
+    alternating, each run in its own process; a worker prints its result as JSON on its last line."""
+    res = {name: [] for name in settings}
+    for _ in range(rounds):
+        for name, args in settings.items():
+            out = subprocess.run([sys.executable, script, "--worker", *map(str, args)], capture_output=True,
+                                 text=True, check=True).stdout
+            res[name].append(json.loads(out.strip().splitlines()[-1]))
+    return res

@@ -16,7 +16,6 @@ import bonsai_mlx  # noqa: F401  (first: on Linux it loads OpenBLAS before mlx.c
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import real_size_student  # noqa: E402
+from common import alternating_rounds, real_size_student  # noqa: E402
 
 from bonsai_mlx import policy  # noqa: E402
 from bonsai_mlx.generate import prefill  # noqa: E402
@@ -63,12 +62,7 @@ def main():
     if a.worker:
         print(json.dumps(worker(int(a.worker[0]), a.worker[1])))
         return
-    res = {"whole": [], "sliced": []}
-    for _ in range(a.rounds):  # alternating, each run in its own process
-        for name in res:
-            out = subprocess.run([sys.executable, __file__, "--worker", str(a.tokens), name], capture_output=True,
-                                 text=True, check=True).stdout
-            res[name].append(json.loads(out.strip().splitlines()[-1]))
+    res = alternating_rounds(__file__, {name: (a.tokens, name) for name in ("whole", "sliced")}, a.rounds)
     print(f"4-bit LM prefill of {a.tokens} tokens, {a.rounds} alternating rounds, one process each "
           f"(weights incl. vision: {res['sliced'][0]['weights_gb']:.3f} GB)")
     for name, rs in res.items():

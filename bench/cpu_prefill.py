@@ -16,7 +16,6 @@ import argparse
 import json
 import resource
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import make_prompt_cache
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import real_size_student  # noqa: E402
+from common import alternating_rounds, real_size_student  # noqa: E402
 
 from bonsai_mlx.policy import CPU_CACHE_LIMIT  # noqa: E402
 
@@ -63,12 +62,7 @@ def main():
         print(json.dumps(worker(*a.worker)))
         return
     limits = {"default 32 MB": 32 << 20, f"policy {CPU_CACHE_LIMIT >> 20} MB": CPU_CACHE_LIMIT}
-    res = {k: [] for k in limits}
-    for _ in range(a.rounds):  # alternating, each run in its own process
-        for name, limit in limits.items():
-            out = subprocess.run([sys.executable, __file__, "--worker", str(a.tokens), str(limit)], capture_output=True,
-                                 text=True, check=True).stdout
-            res[name].append(json.loads(out.strip().splitlines()[-1]))
+    res = alternating_rounds(__file__, {name: (a.tokens, limit) for name, limit in limits.items()}, a.rounds)
     print(f"LM prefill of {a.tokens} tokens (KV cache only), {a.rounds} alternating rounds, one process each")
     for name, rs in res.items():
         ts = [r["s"] for r in rs]
