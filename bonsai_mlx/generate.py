@@ -207,12 +207,12 @@ def stream_generate(
     detokenizer = tokenizer.detokenizer
     detokenizer.reset()
     tokens, logprobs, text = [], [], []
-    ttft = t_first = None
+    ttft = t_first = t_last = None
     n = 0
     finish = "length"
     with wired_limit(model, [generation_stream]):
         for n, (token, lp) in enumerate(generate_tokens(model, embeds, sampler, max_tokens), start=1):
-            now = time.perf_counter()
+            now = t_last = time.perf_counter()
             if ttft is None:
                 ttft, t_first = now - t_start, now
             if token in tokenizer.eos_token_ids:
@@ -231,8 +231,8 @@ def stream_generate(
         text.append(resp.text)
         yield resp.text, resp
     prefill_s = (ttft or 0.0) - setup_s
-    # decode speed: the tokens after the first over the time since the first (the first token's cost is the TTFT)
-    decode_s = time.perf_counter() - t_first
+    # decode speed: the tokens after the first over the time from the first to the last (the first's cost is the TTFT)
+    decode_s = t_last - t_first
     result = GenerationResult(
         text="".join(text),
         token_ids=tokens,
