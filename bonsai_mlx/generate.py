@@ -5,9 +5,10 @@ runs the prompt through the LM in one pass (`prefill`) and hands the filled KV c
 decoding (its KV cache, samplers, async evaluation) and to its streaming detokenizer.
 
 Why not mlx-lm's `stream_generate` from the start: its prefill runs all prompt tokens but the last, then the last one
-as a separate one-token forward — a second pass over all the weights (~0.15 s on a 2-core CPU for Qwen2.5-0.5B in
-float32). Here the whole prompt goes through at once and only the last position goes through the LM head (as
-transformers' `logits_to_keep=1`), so full-prompt logits (151936 floats per token for Qwen) are never computed.
+as a separate one-token forward — a second pass over all the weights (a decode step: 143 ms for Qwen2.5-0.5B in
+float32 on a 2-core CPU, `python bench/cpu_compile.py`). Here the whole prompt goes through at once and only the
+last position goes through the LM head (as transformers' `logits_to_keep=1`), so full-prompt logits (151936 floats
+per token for Qwen) are never computed.
 
 API in the style of mlx-lm:
 
