@@ -264,7 +264,7 @@ def fast_sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
         if mask not in (None, "causal"):
             raise ValueError(f"unsupported mask {mask!r}")
         g = H // Hk
-        qg = (q * scale).reshape(B, Hk, g, L, D)
+        qg = q.reshape(B, Hk, g, L, D)
         n = max(1, round(L / CAUSAL_CHUNK)) if mask == "causal" else 1
         bounds = [L * i // n for i in range(n + 1)]
         outs = []
@@ -274,11 +274,13 @@ def fast_sdpa(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
                 bias = _causal_bias(a, b, S - L, e, g, q.dtype)  # [g·(b-a), e]
             else:
                 bias = mx.zeros((1, 1), q.dtype)
-            rows = qg[:, :, :, a:b].reshape(B, Hk, g * (b - a), D)
+            rows = (qg[:, :, :, a:b] * scale).reshape(B, Hk, g * (b - a), D)  # the scaling makes the slice's copy
             out = _attention_core(rows, k[:, :, :e], v[:, :, :e], bias)  # [B, Hk, g·(b-a), D]
-            outs.append(out.reshape(B, Hk, g, b - a, D))
-        out = outs[0] if n == 1 else mx.concatenate(outs, axis=3)
-        return out.reshape(B, H, L, D)
+            outs.append(out.reshape(B, Hk, g, b - a, D).transpose(0, 3, 1, 2, 4))  # [B, b-a, Hk, g, D] (a view)
+        # one copy into [B, L, H, D] order, returned as its [B, H, L, D] view: the caller's transpose back to
+        # [B, L, H·D] for o_proj is then free
+        out = mx.concatenate(outs, axis=1) if n > 1 else mx.contiguous(outs[0])
+        return out.reshape(B, L, H, D).transpose(0, 2, 1, 3)
     if Hk != H:
         k, v = mx.repeat(k, H // Hk, axis=1), mx.repeat(v, H // Hk, axis=1)
     bias = mx.where(mask, mx.array(0.0, q.dtype), neg) if mask.dtype == mx.bool_ else mask.astype(q.dtype)
