@@ -11,8 +11,9 @@ On the CPU (Linux `mlx[cpu]`; `python bench/cpu_kernels.py` on a 2-core EPYC wit
   memory-bound CPU training set BONSAI_CPU_POLICY=off.
 - MLX's CPU `exp`/`tanh` (and so SiLU, tanh-GELU) cost ~12-17 ns per element: at 240 prompt tokens the
   Qwen2.5-0.5B SiLUs alone take ~0.5 s of the time to first token. `fast_tanh` is Eigen's rational float tanh
-  (absolute error ≤ 4e-7) in plain arithmetic that `mx.compile` fuses into one kernel, 4-5× faster: the LM's SwiGLU
-  and the vision tower's tanh-GELU use it on the CPU in float32 (`python bench/cpu_kernels.py` prints both).
+  (absolute error ≤ 4e-7) in plain arithmetic, written so that the JIT behind `mx.compile` emits vectorized
+  kernels (see "Why the functions below are written as they are"): the LM's SwiGLU, the vision tower's tanh-GELU and
+  the attention's exponentials use it on the CPU in float32 (`python bench/cpu_kernels.py` times them).
 On an Apple GPU none of this applies: 4-bit `quantized_matmul` is the fast path and nothing changes.
 The policy never changes results beyond floating-point tolerance (tests/test_policy.py). BONSAI_CPU_POLICY=off
 turns it off (to measure it).
@@ -339,27 +340,6 @@ class CPUSwiGLUMLP(nn.Module):
         return self.down_proj(nn.silu(g) * u)
 
 
-@mx.compile
-def _square(x: mx.array) -> mx.array:
-    return x * x
-
-
-@mx.compile
-def _scale_rows(x: mx.array, r: mx.array, w: mx.array) -> mx.array:
-    return (x * r) * w
-
-
-class CPURMSNorm(nn.RMSNorm):
-    """`nn.RMSNorm` (same `weight`) whose many-row float32 CPU path takes the mean of squares as a product with a
-    ones vector (BLAS's GEMV), as `_row_sums`; `mx.fast.rms_norm` elsewhere. Same results within 1e-6."""
-
-    def __call__(self, x: mx.array) -> mx.array:
-        if not (fast_activations_ok(x) and x.size >= PREFILL_ROWS * x.shape[-1]):
-            return super().__call__(x)
-        ms = _square(x) @ mx.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)  # [.., 1]
-        return _scale_rows(x, mx.rsqrt(ms + self.eps), self.weight)
-
-
 # decode (fewer than PREFILL_ROWS rows) multiplies the tied LM head in slices of this many vocabulary rows on the
 # CPU: OpenBLAS reads a [2048, 896] slice faster than the whole [151936, 896] (545 MB) at once
 # (`python bench/cpu_kernels.py`: 60.7 → 46.2 ms per token)
@@ -428,9 +408,6 @@ def use_fast_cpu_layers(module: nn.Module) -> int:
     for _, m in module.named_modules():
         if type(m) is nn.Embedding:  # the tied LM head (decode path decided per call)
             m.__class__ = CPUTiedHead
-            n += 1
-        elif type(m) is nn.RMSNorm:
-            m.__class__ = CPURMSNorm
             n += 1
     return n
 
