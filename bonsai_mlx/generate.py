@@ -33,6 +33,7 @@ from mlx_lm.sample_utils import make_sampler
 from .hub import BonsaiError, resolve
 from .language import lm_forward
 from .model import LlavaModel, load_model
+from .policy import decoding
 from .processing import ImageProcessor
 from .prompting import build_generation_prompt
 
@@ -175,7 +176,19 @@ def generate_tokens(model: LlavaModel, embeds: mx.array, sampler, max_tokens: in
     mx.eval(y, logprobs)
     yield y.item(), logprobs[0]
     if max_tokens > 1:
-        yield from generate_step(y, lm, max_tokens=max_tokens - 1, sampler=sampler, prompt_cache=cache)
+        yield from generate_step(y, _Decoder(lm), max_tokens=max_tokens - 1, sampler=sampler, prompt_cache=cache)
+
+
+class _Decoder:
+    """The LM as mlx-lm's `generate_step` calls it, each step inside `policy.decoding()` (one-row float32 products
+    by cblas_sgemv on the CPU)."""
+
+    def __init__(self, lm):
+        self.lm = lm
+
+    def __call__(self, *args, **kwargs):
+        with decoding():
+            return self.lm(*args, **kwargs)
 
 
 def stream_generate(

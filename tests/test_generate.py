@@ -52,11 +52,22 @@ def test_greedy_tokens_equal_transformers_generate(student, tmp_path):
         assert len(res.token_ids) == 20 or res.finish_reason == "stop"
 
 
-def test_kv_cached_decoding_equals_full_recomputation(student, tmp_path):
+def test_kv_cached_decoding_equals_full_recomputation(student, tmp_path, monkeypatch):
+    # decode runs its one-row products through cblas_sgemv where OpenBLAS is loaded (policy.gemv), prefill and the
+    # reference below through MLX's matmul
+    from bonsai_mlx import _blas, policy
+
     d, _ = student
     model, processor = load(d)
     img = str(_pictures(tmp_path)[0])
+    calls = []  # (inside decoding(), took cblas_sgemv)
+    real = policy.gemv
+    monkeypatch.setattr(policy, "gemv", lambda *a: calls.append((policy._DECODING.get(), real(*a) is not None))
+                        or real(*a))
     res = generate(model, processor, "What is here?", image=img, max_tokens=12)
+    decode = [took for inside, took in calls if inside]
+    assert decode and all(took == bool(_blas.loaded) for took in decode)
+    assert not any(took for inside, took in calls if not inside)  # prefill: MLX's matmul
     ids = processor.prompt_ids("What is here?", with_image=True)
     pixels = mx.array(processor.image_processor([img]))
     seq = list(ids)

@@ -147,3 +147,28 @@ def test_sliced_tied_head_equals_the_full_product_and_decode_uses_it(tmp_path, t
     one = np.array(head.as_linear(h[:, -1:]))  # decode: sliced
     assert calls and np.abs(one[0, 0] - many[0, -1]).max() <= 1e-5
     assert mx.set_cache_limit(policy.CPU_CACHE_LIMIT) >= policy.CPU_CACHE_LIMIT  # the model raised it
+
+
+def test_decode_gemv_equals_matmul_and_only_applies_inside_decoding():
+    from bonsai_mlx import _blas, policy
+
+    rng = np.random.default_rng(1)
+    W = mx.array(rng.standard_normal((300, 64)).astype(np.float32))
+    b = mx.array(rng.standard_normal(300).astype(np.float32))
+    x = mx.array(rng.standard_normal((1, 1, 64)).astype(np.float32))
+    assert policy.gemv(x, W) is None  # outside decoding(): MLX's matmul
+    with policy.decoding():
+        assert policy.gemv(mx.concatenate([x, x], axis=1), W) is None  # more than one row
+        assert policy.gemv(x.astype(mx.float16), W.astype(mx.float16)) is None
+        y, yb = policy.gemv(x, W), policy.gemv(x, W, b)
+    if not _blas.loaded:  # BONSAI_BLAS=none: no cblas_sgemv to call
+        assert y is None and yb is None
+        return
+    assert y.shape == (1, 1, 300) and yb.shape == (1, 1, 300)
+    assert float(mx.abs(y - x @ W.T).max()) <= 1e-5
+    assert float(mx.abs(yb - (x @ W.T + b)).max()) <= 1e-5
+    lin = nn.Linear(64, 300)
+    lin.weight, lin.bias = W, b
+    lin.__class__ = policy.CPULinear
+    with policy.decoding():
+        assert float(mx.abs(lin(x) - (x @ W.T + b)).max()) <= 1e-5
