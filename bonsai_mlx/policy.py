@@ -171,7 +171,7 @@ def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
 
 @mx.compile
 def _gelu_clamped(x: mx.array):
-    # the argument reaches -_TANH_CLAMP at x ≈ -5.2; below x = -5.5, |gelu(x)| < 1e-9
+    # the argument reaches -_TANH_CLAMP at x ≈ -5.0; below x = -5.5, |gelu(x)| < 1e-8
     return _clamp(0.7978845608028654 * (x + 0.044715 * x * x * x), _TANH_CLAMP), mx.where(x < -5.5, 0.0, x)
 
 
