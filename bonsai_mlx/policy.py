@@ -204,8 +204,9 @@ def _fast_exp_rows(scores: mx.array) -> mx.array:
 
 
 def _row_sums(e: mx.array) -> mx.array:
-    """e.sum(-1, keepdims=True) as a product with a ones vector: BLAS's GEMV reads e ~6× faster than MLX's CPU
-    reduction (`python bench/cpu_kernels.py` times the attention that uses it)."""
+    """e.sum(-1, keepdims=True) as a product with a ones vector: BLAS's GEMV reads e faster than MLX's CPU reduction
+    (a throwaway timing of one 14 × 96 × 288 chunk: 0.27 → 0.04 ms; `python bench/cpu_kernels.py` times the
+    attention that uses it)."""
     return e @ mx.ones((e.shape[-1], 1), e.dtype)
 
 
