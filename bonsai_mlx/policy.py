@@ -388,7 +388,7 @@ def gemv(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> Opti
     """x @ weight.T (+ bias) for a single row x [..., K] (weight [N, K]) by cblas_sgemv inside `decoding()`, or None
     where that does not apply (the caller then uses MLX's matmul)."""
     if not _DECODING.get() or x.size != x.shape[-1] or x.dtype != mx.float32 or weight.dtype != mx.float32 \
-            or weight.ndim != 2 or not on_cpu():
+            or weight.ndim != 2 or not on_cpu() or not enabled():
         return None
     f = _cblas_sgemv()
     if f is None:
@@ -414,8 +414,9 @@ class CPULinear(nn.Linear):
         return super().__call__(x) if y is None else y
 
 
-# decode (fewer than PREFILL_ROWS rows) multiplies the tied LM head in slices of this many vocabulary rows on the
-# CPU: OpenBLAS reads a [2048, 896] slice faster than the whole [151936, 896] (545 MB) at once
+# where `gemv` does not apply (no BLAS loaded, outside `decoding()`), decode (fewer than PREFILL_ROWS rows) multiplies
+# the tied LM head in slices of this many vocabulary rows on the CPU: OpenBLAS's sgemm reads a [2048, 896] slice
+# faster than the whole [151936, 896] (545 MB) at once
 # (`python bench/cpu_kernels.py`: 60.7 → 46.2 ms per token)
 HEAD_SLICE_ROWS = 2048
 
@@ -427,7 +428,8 @@ def sliced_head(x: mx.array, weight: mx.array) -> mx.array:
 
 
 class CPUTiedHead(nn.Embedding):
-    """An `nn.Embedding` whose `as_linear` (the tied LM head) slices the vocabulary for decode on the CPU."""
+    """An `nn.Embedding` whose `as_linear` (the tied LM head) uses `gemv` inside `decoding()`, else slices the
+    vocabulary for decode on the CPU."""
 
     def as_linear(self, x: mx.array) -> mx.array:
         W = self.weight
@@ -465,9 +467,9 @@ _SWAPPED: dict = {}
 
 
 def use_fast_cpu_layers(module: nn.Module) -> int:
-    """Give the LM's SwiGLU MLPs and attention layers (mlx-lm's Qwen2 / Llama classes) and its tied LM head the CPU
-    fast paths, decided per call (on a GPU or in half precision they run mlx-lm's own code). Returns the number of
-    layers switched."""
+    """Give the LM's SwiGLU MLPs and attention layers (mlx-lm's Qwen2 / Llama classes), its linears (`gemv` for
+    decode) and its tied LM head the CPU fast paths, decided per call (on a GPU or in half precision they run
+    mlx-lm's own code). Returns the number of layers switched."""
     if not enabled():
         return 0
     n = 0

@@ -62,8 +62,13 @@ def test_kv_cached_decoding_equals_full_recomputation(student, tmp_path, monkeyp
     img = str(_pictures(tmp_path)[0])
     calls = []  # (inside decoding(), took cblas_sgemv)
     real = policy.gemv
-    monkeypatch.setattr(policy, "gemv", lambda *a: calls.append((policy._DECODING.get(), real(*a) is not None))
-                        or real(*a))
+
+    def recording(*args):
+        y = real(*args)
+        calls.append((policy._DECODING.get(), y is not None))
+        return y
+
+    monkeypatch.setattr(policy, "gemv", recording)
     res = generate(model, processor, "What is here?", image=img, max_tokens=12)
     decode = [took for inside, took in calls if inside]
     assert decode and all(took == bool(_blas.loaded) for took in decode)

@@ -103,6 +103,10 @@ def test_fast_cpu_functions_match_mlx(monkeypatch):
     assert fast_swiglu(big, mx.ones_like(big)).tolist()[:3] == [0.0, 0.0, 0.0]
     assert fast_gelu_tanh(big).tolist()[:3] == [0.0, 0.0, 0.0]
     assert abs(fast_swiglu(big, mx.ones_like(big)).tolist()[3] - 1e6) <= 0.1
+    # the clamp kernels zero what multiplies sigmoid below the clamp (the rational's rounding there is not relied on),
+    # and a masked score's exponential is exactly 0 (at the exp clamp the rational alone leaves 1.8e-7)
+    assert policy._swiglu_clamped(big)[1].tolist() == [0.0, 0.0, 0.0, 1e6]  # gate zeroed below -2·_TANH_CLAMP
+    assert policy._fast_exp_rows(mx.array([[0.0, -1e30, -40.0, -1.0]])).tolist()[0][:3] == [1.0, 0.0, 0.0]
 
     mx.random.seed(0)
     q, k, v = mx.random.normal((2, 4, 7, 8)), mx.random.normal((2, 2, 9, 8)), mx.random.normal((2, 2, 9, 8))
