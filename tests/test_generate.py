@@ -71,7 +71,8 @@ def test_kv_cached_decoding_equals_full_recomputation(student, tmp_path, monkeyp
     monkeypatch.setattr(policy, "gemv", recording)
     res = generate(model, processor, "What is here?", image=img, max_tokens=12)
     decode = [took for inside, took in calls if inside]
-    assert decode and all(took == bool(_blas.loaded) for took in decode)
+    assert decode or not policy.enabled()  # BONSAI_CPU_POLICY=off: the linears are MLX's own
+    assert all(took == bool(_blas.loaded) for took in decode)
     assert not any(took for inside, took in calls if not inside)  # prefill: MLX's matmul
     ids = processor.prompt_ids("What is here?", with_image=True)
     pixels = mx.array(processor.image_processor([img]))
