@@ -13,6 +13,7 @@ from pathlib import Path
 import mlx.core as mx
 
 from bonsai_mlx.assemble import write_processor_files
+from bonsai_mlx.cpu import accelerate
 from bonsai_mlx.model import LlavaModel, ModelConfig, quantize_language_model
 from bonsai_mlx.pico import train_tokenizer
 from bonsai_mlx.processing import ImageProcessor
@@ -44,6 +45,7 @@ def real_size_student(dtype=mx.float32, quantize=None, seed=0):
     model.set_dtype(dtype)
     if quantize:
         quantize_language_model(model, bits=quantize)
+    accelerate(model, upcast=False)  # as `load_model` does (the dtype is the caller's)
     mx.eval(model.parameters())
     model.eval()
     d = Path(tempfile.mkdtemp(prefix="bonsai-bench-"))

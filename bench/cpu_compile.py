@@ -75,7 +75,7 @@ def decode_graph(model, rounds: int) -> tuple:
 
 def train_step(rounds: int) -> tuple:
     from bonsai_mlx.demo import DEMO_TEXT, DEMO_VISION
-    from bonsai_mlx.model import load_model
+    from bonsai_mlx.io import load_model
     from bonsai_mlx.pico import build_pico
     from bonsai_mlx.trainer import TrainConfig, build_step, make_trainable
 

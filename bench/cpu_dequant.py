@@ -26,7 +26,7 @@ from mlx_lm.models.cache import make_prompt_cache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternating_rounds, real_size_student  # noqa: E402
 
-from bonsai_mlx import policy  # noqa: E402
+from bonsai_mlx.cpu import quantized  # noqa: E402
 from bonsai_mlx.generate import prefill  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def whole_dequantized_matmul(x, wq, scales, biases, group_size, bits):
 
 def worker(tokens: int, setting: str) -> dict:
     if setting == "whole":
-        policy.dequantized_matmul = whole_dequantized_matmul
+        quantized.dequantized_matmul = whole_dequantized_matmul
     model, _ = real_size_student(mx.float32, quantize=4)
     emb = mx.random.normal((tokens, 896)) * 0.02
     mx.eval(emb)

@@ -20,7 +20,8 @@ import time
 
 import mlx.core as mx
 
-from bonsai_mlx import _blas, policy
+from bonsai_mlx.cpu import blas as _blas
+from bonsai_mlx.cpu import decode
 from bonsai_mlx.doctor import read_bandwidth
 
 
@@ -42,8 +43,8 @@ def main():
         t = time.perf_counter()
         for w in ws:
             if use_gemv:
-                with policy.decoding():
-                    y = policy.gemv(x[w.shape[1]], w)
+                with decode.decoding():
+                    y = decode.gemv(x[w.shape[1]], w)
                 if y is None:
                     raise SystemExit("cblas_sgemv is not available (no OpenBLAS loaded): nothing to compare")
             else:
@@ -59,8 +60,8 @@ def main():
                 times[("layers", g)].append(a)
                 times[("head", g)].append(b)
     bw = read_bandwidth()
-    with policy.decoding():
-        diff = float(mx.abs(policy.gemv(x[896], head) - x[896] @ head.T).max())
+    with decode.decoding():
+        diff = float(mx.abs(decode.gemv(x[896], head) - x[896] @ head.T).max())
     print(f"{args.rounds} alternating rounds, medians; machine read bandwidth {bw:.1f} GB/s (same run)")
     print(f"{'':24}{'sgemm ms':>10}{'GB/s':>7}{'sgemv ms':>10}{'GB/s':>7}{'speed-up':>10}")
     for part, gb in (("layers", gb_layers), ("head", gb_head)):

@@ -37,8 +37,9 @@ def worker_bonsai(model_dir: str, tokens: int, quantize: int) -> dict:
     import numpy as np
     from PIL import Image
 
-    from bonsai_mlx import _blas
-    from bonsai_mlx.generate import generate, load
+    from bonsai_mlx.cpu import blas as _blas
+    from bonsai_mlx.generate import generate
+    from bonsai_mlx.io import load
 
     model, proc = load(model_dir, quantize=quantize or None)
     proc.tokenizer.eos_token_ids = set()
@@ -110,7 +111,7 @@ def main():
 
     from bonsai_mlx.doctor import read_bandwidth
     from bonsai_mlx.export import export
-    from bonsai_mlx.model import save_model
+    from bonsai_mlx.io import save_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bonsai-cpu-bench-"))
     model, side = real_size_student(mx.float32)

@@ -1,4 +1,4 @@
-"""The kernel timings behind the CPU execution policy (bonsai_mlx/policy.py), in one run.
+"""The kernel timings behind the CPU execution policy (bonsai_mlx/cpu/), in one run.
 
     python bench/cpu_kernels.py
 
@@ -20,7 +20,7 @@ import time
 
 import mlx.core as mx
 
-from bonsai_mlx import _blas
+from bonsai_mlx.cpu import blas as _blas
 
 
 def best_ms(fn, reps: int = 5) -> float:
@@ -53,9 +53,12 @@ def main():
 
     import mlx.nn as nn
 
-    from bonsai_mlx.policy import fast_gelu_tanh, fast_sdpa, fast_swiglu, raise_cpu_cache_limit, sliced_head
+    from bonsai_mlx.cpu.activations import fast_gelu_tanh, fast_swiglu
+    from bonsai_mlx.cpu.attention import fast_sdpa
+    from bonsai_mlx.cpu.decode import sliced_head
+    from bonsai_mlx.cpu.policy import CPU_CACHE_LIMIT
 
-    raise_cpu_cache_limit()  # as a loaded model does
+    mx.set_cache_limit(CPU_CACHE_LIMIT)  # as `accelerate` does for a loaded model
 
     g, u, h = mx.random.normal((240, 4864)) * 3, mx.random.normal((240, 4864)), mx.random.normal((196, 3072)) * 3
     q, k, v = mx.random.normal((1, 14, 240, 64)), mx.random.normal((1, 2, 240, 64)), mx.random.normal((1, 2, 240, 64))

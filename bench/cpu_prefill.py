@@ -26,7 +26,7 @@ from mlx_lm.models.cache import make_prompt_cache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import alternating_rounds, real_size_student  # noqa: E402
 
-from bonsai_mlx.policy import CPU_CACHE_LIMIT  # noqa: E402
+from bonsai_mlx.cpu.policy import CPU_CACHE_LIMIT  # noqa: E402
 
 
 def worker(tokens: int, limit: int) -> dict:

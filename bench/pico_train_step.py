@@ -26,8 +26,8 @@ def worker(model_dir: str, steps: int, threads: int) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from bonsai_mlx import _blas
-    from bonsai_mlx.model import load_model
+    from bonsai_mlx.cpu import blas as _blas
+    from bonsai_mlx.io import load_model
     from bonsai_mlx.trainer import TrainConfig, build_step, make_trainable
 
     _blas.set_threads(threads)

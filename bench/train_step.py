@@ -24,12 +24,12 @@ import mlx.optimizers as optim  # noqa: E402
 import numpy as np  # noqa: E402
 from common import real_size_student  # noqa: E402
 
-from bonsai_mlx import _blas  # noqa: E402
+from bonsai_mlx.cpu import blas as _blas  # noqa: E402
 from bonsai_mlx.trainer import TrainConfig, build_step, make_trainable  # noqa: E402
 
 
 def measure(quantize: str, steps: int, seq_len: int):
-    model, _ = real_size_student(mx.float32)
+    model, _ = real_size_student(mx.float32, quantize=None if quantize == "none" else int(quantize))
     cfg = TrainConfig(quantize=quantize, dtype="float32")
     make_trainable(model, cfg)
     model.train()

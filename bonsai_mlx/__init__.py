@@ -12,19 +12,27 @@ __version__ = "0.1.0"
 # stay one line on a torch-free install.
 _os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
-from . import _blas  # noqa: E402
+from .cpu import blas as _blas  # noqa: E402
 
-# On Linux, an optimized BLAS must be loaded before mlx.core is first imported (see _blas.py).
+# On Linux, an optimized BLAS must be loaded before mlx.core is first imported (see cpu/blas.py).
 _blas.maybe_load()
 
 
 def __getattr__(name):
     # Lazy re-exports in the style of mlx_lm (`from bonsai_mlx import load_model`).
-    if name in ("load_model", "save_model", "LlavaModel", "ModelConfig"):
+    if name in ("LlavaModel", "ModelConfig"):
         from . import model
 
         return getattr(model, name)
-    if name in ("load", "generate", "stream_generate"):
+    if name in ("load", "load_model", "save_model"):
+        from . import io
+
+        return getattr(io, name)
+    if name in ("accelerate",):
+        from .cpu import policy
+
+        return policy.accelerate
+    if name in ("generate", "stream_generate"):
         import importlib
 
         # import_module, not `from . import generate`: that would look the attribute up here first and recurse

@@ -19,7 +19,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
-from .hub import BonsaiError
+from .errors import BonsaiError
 from .model import LlavaModel
 
 DEFAULT_LORA_KEYS = (
@@ -80,11 +80,18 @@ def load_full_weights(model: LlavaModel, path: Path) -> None:
     model.load_weights(list(w.items()), strict=False)
 
 
+def adapter_quantization(adapter_dir: Union[str, Path]) -> Optional[int]:
+    """The bits of the quantized base a checkpoint was trained on (its `config.json`, written by `train`), or None."""
+    cfg = Path(adapter_dir) / "config.json"
+    bits = json.loads(cfg.read_text()).get("quantize") if cfg.exists() else None
+    return None if bits in (None, "none") else int(bits)
+
+
 def apply_adapter(model: LlavaModel, adapter_dir: Union[str, Path], projector: Optional[bool] = None) -> LlavaModel:
     """Apply a checkpoint's LoRA adapters (and projector, if present) to `model` in place.
 
-    A checkpoint trained with a quantized base (`--quantize 4`, the default) first quantizes a full-precision base
-    the same way, so the adapters act on the weights they were trained against."""
+    A checkpoint trained with a quantized base (`--quantize 4`, the default) needs the base loaded quantized the same
+    way (`adapter_quantization`), so the adapters act on the weights they were trained against."""
     d = Path(adapter_dir)
     if not d.is_dir():
         raise BonsaiError(f"adapter {d}: no such directory (pass a training checkpoint directory)")
@@ -93,13 +100,10 @@ def apply_adapter(model: LlavaModel, adapter_dir: Union[str, Path], projector: O
     has_full = (d / "weights.safetensors").exists()
     if not (has_lora or has_proj or has_full):
         raise BonsaiError(f"adapter {d}: neither adapters.safetensors nor projector.safetensors found")
-    train_cfg = d / "config.json"  # written by `bonsai-mlx train`
-    bits = json.loads(train_cfg.read_text()).get("quantize") if train_cfg.exists() else None
-    if bits not in (None, "none") and model.config.quantization is None:
-        # The adapters were trained against a quantized base (QLoRA): apply them to the same quantized weights.
-        from .model import quantize_language_model
-
-        quantize_language_model(model, bits=int(bits))
+    bits = adapter_quantization(d)
+    if bits and model.config.quantization is None:
+        raise BonsaiError(f"adapter {d} was trained on a {bits}-bit base: load the model quantized "
+                          f"(bonsai_mlx.load(..., adapter=...) does, or load_model(..., quantize={bits}))")
     if has_lora:
         if not (d / "adapter_config.json").exists():
             raise BonsaiError(f"adapter {d}: adapters.safetensors without adapter_config.json")

@@ -15,14 +15,15 @@ from typing import Optional, Union
 
 import mlx.core as mx
 
-from .hub import BonsaiError, resolve
+from .atomic import atomic_dir
+from .errors import BonsaiError
+from .hub import resolve
+from .io import DTYPES, load_config, load_weights_dir, write_model_files
 from .language import normalize_text_config
-from .model import LlavaModel, ModelConfig, atomic_dir, load_config, load_weights_dir, write_model_files
+from .model import LlavaModel, ModelConfig
 from .pico import add_image_token
 from .processing import ImageProcessor
 from .prompting import CHAT_TEMPLATE, IMAGE_TOKEN
-
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 def _vision_config(raw: dict, where: Path) -> dict:
@@ -136,7 +137,7 @@ def assemble(
     weights = model.sanitize({**vision_w, **lang_w})
     weights.update({f"multi_modal_projector.{k}": v for k, v in _flat(model.multi_modal_projector).items()})
     if dtype is not None:
-        weights = {k: v.astype(_DTYPES[dtype]) for k, v in weights.items()}
+        weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
     try:
         model.load_weights(list(weights.items()), strict=True)
     except ValueError as e:

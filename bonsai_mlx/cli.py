@@ -11,7 +11,7 @@ import time
 
 import click
 
-from .hub import BonsaiError
+from .errors import BonsaiError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -78,7 +78,7 @@ def forward(model, image, prompt, quantize):
     from transformers import AutoTokenizer
 
     from .hub import resolve
-    from .model import load_model
+    from .io import load_model
     from .processing import ImageProcessor
     from .prompting import build_generation_prompt
 
@@ -139,7 +139,8 @@ def generate(model, image, prompt, system, max_tokens, temp, top_p, top_k, seed,
     from pathlib import Path
 
     from .generate import generate as run_generate
-    from .generate import list_images, load, stream_generate
+    from .generate import list_images, stream_generate
+    from .io import load
 
     if not prompt.strip():
         raise BonsaiError("--prompt is empty")
@@ -348,9 +349,8 @@ def fuse(model, adapter, out, dequantize, force):
     from pathlib import Path
 
     from .adapters import fuse_lora
-    from .generate import load
     from .hub import resolve
-    from .model import save_model
+    from .io import load, save_model
 
     p = Path(out)
     if p.exists() and any(p.iterdir()) and not force:

@@ -22,7 +22,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 from PIL import Image
 
-from .hub import BonsaiError
+from .errors import BonsaiError
 from .processing import ImageProcessor
 from .prompting import RecordError, encode_example
 

@@ -14,14 +14,14 @@ one answer.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict
 
-from .hub import BonsaiError
+from .atomic import write_json
+from .errors import BonsaiError
 
 # The demo student: SigLIP and Qwen2 configs scaled down (see pico.py), 32×32 images in 8×8 patches (16 image tokens).
 DEMO_VISION = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2}
@@ -62,7 +62,7 @@ def pretrain_vision(model_dir: Path, out_dir: Path, data_root: Path, instances: 
     import mlx.optimizers as optim
     import numpy as np
 
-    from .model import load_model, save_model
+    from .io import load_model, save_model
     from .processing import ImageProcessor
 
     coco = json.loads(Path(instances).read_text())
@@ -128,9 +128,7 @@ def _table(before: dict, after: dict, chance: dict) -> str:
 
 
 def _save_eval(res: dict, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(res, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, res)
 
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
@@ -150,7 +148,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
     if cfg.steps < 1:
         raise BonsaiError(f"--steps must be at least 1, got {cfg.steps}")
     t_start = time.perf_counter()
-    from . import _blas
+    from .cpu import blas as _blas
 
     _blas.set_threads(1)  # the pico's small products run faster on one BLAS thread (see _blas.set_threads)
     data = out / "data"

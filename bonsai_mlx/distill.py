@@ -19,7 +19,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .hub import BonsaiError
+from .errors import BonsaiError
 
 PAD_MULTIPLE = 64  # pad the number of aligned pairs per batch: fewer distinct shapes → fewer recompiles
 

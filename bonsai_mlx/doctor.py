@@ -13,7 +13,7 @@ import time
 
 import mlx.core as mx
 
-from . import _blas
+from .cpu import blas as _blas
 
 LM_PARAMS = 494_032_768  # Qwen2.5-0.5B, measured by `bonsai-mlx info`
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .hub import BonsaiError
+from .errors import BonsaiError
 
 Z95 = 1.959963984540054
 

@@ -24,10 +24,12 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .assemble import write_processor_files
-from .hub import BonsaiError, resolve
-from .model import atomic_dir, config_to_dict, save_weights
+from .atomic import atomic_dir
+from .errors import BonsaiError
+from .hub import resolve
+from .io import DTYPES, save_weights
+from .model import config_to_dict
 
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 _TORCH_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 
 
@@ -89,11 +91,11 @@ def export(model_path: str, out: Union[str, Path], adapter: Optional[str] = None
     from transformers import AutoTokenizer
 
     from .adapters import fuse_lora
-    from .generate import load
+    from .io import load
     from .processing import ImageProcessor
 
-    if dtype not in _DTYPES:
-        raise BonsaiError(f"--dtype must be one of {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise BonsaiError(f"--dtype must be one of {sorted(DTYPES)}")
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise BonsaiError(f"--out {out} exists and is not empty; pass --force to replace it")
@@ -107,7 +109,7 @@ def export(model_path: str, out: Union[str, Path], adapter: Optional[str] = None
         lora_cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
         peft_files = peft_state(model, lora_cfg)
     fuse_lora(model, dequantize=True)
-    weights = {k: v.astype(_DTYPES[dtype]) for k, v in model.hf_weights().items()}
+    weights = {k: v.astype(DTYPES[dtype]) for k, v in model.hf_weights().items()}
 
     cfg = config_to_dict(model.config)
     cfg.pop("quantization", None)
@@ -130,6 +132,6 @@ def export(model_path: str, out: Union[str, Path], adapter: Optional[str] = None
             tensors, pcfg = peft_files
             (tmp / "peft").mkdir()
             mx.save_safetensors(str(tmp / "peft" / "adapter_model.safetensors"),
-                                {k: v.astype(_DTYPES[dtype]) for k, v in tensors.items()}, metadata={"format": "pt"})
+                                {k: v.astype(DTYPES[dtype]) for k, v in tensors.items()}, metadata={"format": "pt"})
             (tmp / "peft" / "adapter_config.json").write_text(json.dumps(pcfg, indent=2) + "\n")
     return out

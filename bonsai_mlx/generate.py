@@ -1,4 +1,6 @@
-"""Image + prompt → streamed answer, on top of mlx-lm's generation loop.
+"""The one generation engine: image + prompt (or chat messages) → streamed answer, on top of mlx-lm's generation
+loop. `bonsai-mlx generate`, `eval` (vqa answers, POPE's next-token decision) and the Python API all run through it:
+the same prompt builder (`Processor.chat_ids`, the chat template), the same prefill, the same decode path.
 
 The student builds the prompt's input embeddings (vision tower → projector → scatter into the `<image>` positions),
 runs the prompt through the LM in one pass (`prefill`) and hands the filled KV cache to mlx-lm's `generate_step` for
@@ -18,81 +20,25 @@ API in the style of mlx-lm:
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator, List, Optional, Union
+from typing import Iterator, List, Optional
 
 import mlx.core as mx
 from mlx_lm.generate import GenerationResponse, generate_step, generation_stream, wired_limit
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.sample_utils import make_sampler
 
-from .hub import BonsaiError, resolve
+from .cpu.decode import decoding
+from .errors import BonsaiError
 from .language import lm_forward
-from .model import LlavaModel, load_model
-from .policy import decoding
-from .processing import ImageProcessor
-from .prompting import build_generation_prompt
+from .model import LlavaModel
+from .processing import Processor
+from .prompting import user_message
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
-
-
-@dataclass
-class Processor:
-    """Tokenizer (mlx-lm's TokenizerWrapper around the transformers tokenizer) + image preprocessing + the
-    model's image-token count: everything needed to turn (prompt, image) into model inputs."""
-
-    tokenizer: object  # mlx_lm.tokenizer_utils.TokenizerWrapper
-    image_processor: ImageProcessor
-    image_seq_length: int
-    context_length: int
-
-    @classmethod
-    def from_pretrained(cls, path: Union[str, Path], model: LlavaModel) -> "Processor":
-        from mlx_lm.tokenizer_utils import load as load_tokenizer
-
-        path = Path(path)
-        eos = set()
-        gen_cfg = path / "generation_config.json"
-        if gen_cfg.exists():
-            e = json.loads(gen_cfg.read_text()).get("eos_token_id")
-            eos.update(e if isinstance(e, list) else [e] if e is not None else [])
-        try:
-            tok = load_tokenizer(path, eos_token_ids=sorted(eos) or None)
-        except (OSError, ValueError) as e:
-            raise BonsaiError(f"cannot load the tokenizer in {path}: {e}") from None
-        for t in ("<|im_end|>",):  # Qwen chat turns end here even when the config only names <|endoftext|>
-            tid = tok._tokenizer.convert_tokens_to_ids(t)
-            if isinstance(tid, int) and tid != tok._tokenizer.unk_token_id:
-                tok.add_eos_token(tid)
-        cfg = model.config
-        return cls(
-            tokenizer=tok,
-            image_processor=ImageProcessor.from_pretrained(path, default_size=cfg.vision_config.image_size),
-            image_seq_length=cfg.image_seq_length,
-            context_length=int(cfg.text_config.get("max_position_embeddings") or 32768),
-        )
-
-    def prompt_ids(self, prompt: str, with_image: bool, system: Optional[str] = None) -> List[int]:
-        if not isinstance(prompt, str) or not prompt.strip():
-            raise BonsaiError("the prompt is empty")
-        return build_generation_prompt(self.tokenizer._tokenizer, prompt, self.image_seq_length, with_image, system)
-
-
-def load(
-    path_or_repo: Union[str, Path], quantize: Optional[int] = None, adapter: Optional[Union[str, Path]] = None
-):
-    """Load a student and its processor. `adapter`: a training checkpoint directory (LoRA adapters + projector)."""
-    path = resolve(str(path_or_repo))
-    model = load_model(path, quantize=quantize)
-    if adapter is not None:
-        from .adapters import apply_adapter
-
-        apply_adapter(model, adapter)
-    return model, Processor.from_pretrained(path, model)
 
 
 @dataclass
@@ -126,16 +72,24 @@ def _check_sampling(max_tokens: int, temp: float, top_p: float, top_k: int) -> N
         raise BonsaiError(f"--top-k must be >= 0 (0 disables it), got {top_k}")
 
 
-def prepare_inputs(model: LlavaModel, processor: Processor, prompt: str, image=None, system: Optional[str] = None):
-    """(prompt ids [T], input embeddings [T, D], vision seconds)."""
-    ids = processor.prompt_ids(prompt, with_image=image is not None, system=system)
+def prepare_inputs(model: LlavaModel, processor: Processor, prompt: Optional[str] = None, image=None,
+                   system: Optional[str] = None, messages: Optional[List[dict]] = None, image_features=None):
+    """(prompt ids [T], input embeddings [T, D], vision seconds) for a one-turn `prompt` or chat `messages` (an image
+    part where the image goes), with `image` (a path, URL or PIL image) or its precomputed `image_features`
+    [1, P, D] (callers that ask several questions about one image compute them once)."""
+    has_image = image is not None or image_features is not None
+    if messages is None:
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BonsaiError("the prompt is empty")
+        messages = [user_message(prompt, with_image=has_image)]
+    ids = processor.chat_ids(messages, system=system)
     if len(ids) >= processor.context_length:
         raise BonsaiError(
             f"the prompt is {len(ids)} tokens, the model's context is {processor.context_length}; shorten the prompt"
         )
     t0 = time.perf_counter()
-    feats = None
-    if image is not None:
+    feats = image_features
+    if feats is None and image is not None:
         pixels = mx.array(processor.image_processor([image]))  # [1, H, W, 3]
         feats = model.get_image_features(pixels)  # [1, P, D]
         mx.eval(feats)
@@ -164,6 +118,11 @@ def prefill(model: LlavaModel, embeds: mx.array, cache: list, step: int = PREFIL
     return logits[:, -1, :]
 
 
+def next_token_logits(model: LlavaModel, embeds: mx.array) -> mx.array:
+    """The logits [V] after the prompt (embeddings [T, D]): the first step of `generate_tokens`, without sampling."""
+    return prefill(model, embeds, make_prompt_cache(model.language_model))[0]
+
+
 def generate_tokens(model: LlavaModel, embeds: mx.array, sampler, max_tokens: int) -> Iterator[tuple]:
     """Yield (token id, logprobs [V]) for up to `max_tokens` tokens: one-pass prefill, then mlx-lm's `generate_step`
     decoding from the filled cache (the first sampled token is its one-token "prompt")."""
@@ -180,7 +139,7 @@ def generate_tokens(model: LlavaModel, embeds: mx.array, sampler, max_tokens: in
 
 
 class _Decoder:
-    """The LM as mlx-lm's `generate_step` calls it, each step inside `policy.decoding()` (one-row float32 products
+    """The LM as mlx-lm's `generate_step` calls it, each step inside `cpu.decode.decoding()` (one-row float32 products
     by cblas_sgemv on the CPU)."""
 
     def __init__(self, lm):
@@ -194,7 +153,7 @@ class _Decoder:
 def stream_generate(
     model: LlavaModel,
     processor: Processor,
-    prompt: str,
+    prompt: Optional[str] = None,
     image=None,
     system: Optional[str] = None,
     max_tokens: int = 256,
@@ -202,6 +161,8 @@ def stream_generate(
     top_p: float = 1.0,
     top_k: int = 0,
     seed: Optional[int] = None,
+    messages: Optional[List[dict]] = None,
+    image_features=None,
 ) -> Iterator[tuple]:
     """Yield (text segment, mlx-lm GenerationResponse) as tokens come; the last item is (None, GenerationResult).
 
@@ -212,7 +173,7 @@ def stream_generate(
         mx.random.seed(seed)
     mx.reset_peak_memory()
     t_start = time.perf_counter()
-    ids, embeds, vision_s = prepare_inputs(model, processor, prompt, image, system)
+    ids, embeds, vision_s = prepare_inputs(model, processor, prompt, image, system, messages, image_features)
     mx.eval(embeds)
     setup_s = time.perf_counter() - t_start
     max_tokens = min(max_tokens, processor.context_length - len(ids))
@@ -270,7 +231,8 @@ def _response(text, token, lp, prompt_tokens, finish, n, elapsed) -> GenerationR
     )
 
 
-def generate(model: LlavaModel, processor: Processor, prompt: str, image=None, verbose: bool = False, **kwargs):
+def generate(model: LlavaModel, processor: Processor, prompt: Optional[str] = None, image=None, verbose: bool = False,
+             **kwargs):
     """Generate a full answer; returns a GenerationResult (`.text`, `.token_ids`, timing stats)."""
     result = None
     for segment, item in stream_generate(model, processor, prompt, image=image, **kwargs):

@@ -9,11 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from .errors import BonsaiError
+
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.jinja", "tokenizer.model", "*.tiktoken"]
-
-
-class BonsaiError(Exception):
-    """A user-facing error: the CLI prints its message as one line and exits non-zero."""
 
 
 def resolve(path_or_repo: str, allow_patterns: Optional[List[str]] = None, what: str = "model") -> Path:

@@ -13,7 +13,8 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .hub import resolve
-from .model import load_model, quantize_language_model
+from .io import load_model
+from .model import quantize_language_model
 
 
 def _file_dtypes(path) -> set:

@@ -122,7 +122,7 @@ def _tail_block(layer: nn.Module, h: mx.array, cache, keep: bool) -> Optional[mx
     that only fills the cache): keys/values of every position go to the cache, but queries, attention and the MLP
     run for the last row only — exactly the rows mlx-lm's TransformerBlock would have given there (llama.cpp skips
     the unused rows of its last layer the same way). h [B, L, D] → [B, 1, D] or None."""
-    from .policy import sdpa
+    from mlx_lm.models.base import scaled_dot_product_attention
 
     attn = layer.self_attn
     B, L, _ = h.shape
@@ -137,7 +137,8 @@ def _tail_block(layer: nn.Module, h: mx.array, cache, keep: bool) -> Optional[mx
         return None
     q = attn.q_proj(r[:, -1:]).reshape(B, 1, attn.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, 1, Dh]
     q = attn.rope(q, offset=offset + L - 1)
-    out = sdpa(q, keys, values, attn.scale, None, cache)  # the last query sees every key: no mask
+    # the last query sees every key: no mask; one query takes mlx-lm's attention on every device (cpu/attention.py)
+    out = scaled_dot_product_attention(q, keys, values, cache=cache, scale=attn.scale, mask=None)
     x = h[:, -1:] + attn.o_proj(out.transpose(0, 2, 1, 3).reshape(B, 1, -1))
     return x + layer.mlp(layer.post_attention_layernorm(x))
 

@@ -10,21 +10,15 @@ Parameter names are the published llava-hf ones (`vision_tower.vision_model.*`, 
 
 from __future__ import annotations
 
-import glob
 import inspect
-import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .hub import BonsaiError, resolve
+from .errors import BonsaiError
 from .language import build_language_model, lm_forward, normalize_text_config
 from .projector import MultiModalProjector
 from .vision import VisionConfig, VisionTower
@@ -82,10 +76,6 @@ class LlavaModel(nn.Module):
             num_feature_layers=len(config.feature_layers()),
         )
         self.language_model = build_language_model(config.text_config)
-        from .policy import raise_cpu_cache_limit, use_fast_cpu_layers
-
-        use_fast_cpu_layers(self.language_model)  # CPU fast paths: SwiGLU, attention, tied head (same weights, names)
-        raise_cpu_cache_limit()  # reuse freed buffers instead of page-faulting them in again (policy.py)
 
     # --- vision ---------------------------------------------------------------------------------------------------
     def _hidden_state_indices(self) -> List[int]:
@@ -225,7 +215,9 @@ class LlavaModel(nn.Module):
 # --- quantization ---------------------------------------------------------------------------------------------------
 def quantize_language_model(model: LlavaModel, bits: int = 4, group_size: int = 64) -> dict:
     """Quantize the LM's Linear and Embedding layers in place with MLX's affine quantization (as mlx-lm's
-    `quantize_model` does); the vision tower and projector stay in full precision. Returns the config entry."""
+    `quantize_model` does); the vision tower and projector stay in full precision. Returns the config entry.
+    The new layers are MLX's own: `cpu.accelerate(model)` gives them the CPU kernels (`io.load_model(quantize=…)`
+    does both)."""
     if bits not in (2, 3, 4, 5, 6, 8):
         raise ValueError(f"unsupported bits {bits}")
 
@@ -233,72 +225,9 @@ def quantize_language_model(model: LlavaModel, bits: int = 4, group_size: int = 
         return hasattr(module, "to_quantized") and module.weight.shape[-1] % group_size == 0
 
     nn.quantize(model.language_model, group_size=group_size, bits=bits, class_predicate=predicate)
-    from .policy import use_cpu_kernels
-
-    use_cpu_kernels(model.language_model)
     q = {"group_size": group_size, "bits": bits, "mode": "affine"}
     model.config.quantization = q
     return q
-
-
-# --- loading / saving -----------------------------------------------------------------------------------------------
-def load_config(model_path: Path) -> dict:
-    cfg_file = model_path / "config.json"
-    if not cfg_file.exists():
-        raise BonsaiError(f"{model_path} has no config.json: not a model directory")
-    try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise BonsaiError(f"{cfg_file}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-
-
-def load_weights_dir(model_path: Path) -> Dict[str, mx.array]:
-    files = sorted(glob.glob(str(model_path / "*.safetensors")))
-    files = [f for f in files if not os.path.basename(f).startswith(("adapter", "optimizer"))]
-    if not files:
-        raise BonsaiError(f"no *.safetensors weights in {model_path} (bonsai-mlx reads safetensors only)")
-    weights = {}
-    for f in files:
-        weights.update(mx.load(f))
-    return weights
-
-
-def load_model(
-    path_or_repo: Union[str, Path], quantize: Optional[int] = None, group_size: int = 64, lazy: bool = False
-) -> LlavaModel:
-    """Load a llava-style student from a local directory or hub id.
-
-    Args:
-        quantize: quantize the language model to this many bits after loading (4 or 8), unless already quantized.
-        lazy: leave weights unevaluated (they load on first use).
-    """
-    model_path = resolve(str(path_or_repo))
-    raw = load_config(model_path)
-    config = ModelConfig.from_dict(raw)
-    model = LlavaModel(config)
-    weights = model.sanitize(load_weights_dir(model_path))
-    if config.quantization:  # a checkpoint saved quantized: rebuild the same quantized layers, then load
-        q = config.quantization
-        nn.quantize(
-            model.language_model,
-            group_size=q["group_size"],
-            bits=q["bits"],
-            class_predicate=lambda p, m: f"language_model.{p}.scales" in weights,
-        )
-    try:
-        model.load_weights(list(weights.items()), strict=True)
-    except ValueError as e:
-        raise BonsaiError(f"weights in {model_path} do not match its config.json: {e}") from None
-    from .policy import upcast_for_cpu, use_cpu_kernels
-
-    upcast_for_cpu(model)  # see policy.py: on the CPU, half-precision matmuls are ~30x slower than float32
-    use_cpu_kernels(model.language_model)
-    if quantize and not config.quantization:
-        quantize_language_model(model, bits=quantize, group_size=group_size)
-    if not lazy:
-        mx.eval(model.parameters())
-    model.eval()
-    return model
 
 
 def config_to_dict(config: ModelConfig) -> dict:
@@ -319,82 +248,3 @@ def config_to_dict(config: ModelConfig) -> dict:
     else:
         out.pop("quantization", None)
     return out
-
-
-def save_weights(
-    weights: Dict[str, mx.array], out_dir: Path, max_shard_bytes: int = 5 << 30, metadata: Optional[dict] = None
-) -> None:
-    """Write safetensors shards (+ index when more than one) in transformers' naming."""
-    metadata = metadata or {"format": "mlx"}
-    shards: List[Dict[str, mx.array]] = [{}]
-    size = 0
-    for k in sorted(weights):
-        nbytes = weights[k].nbytes
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = weights[k]
-        size += nbytes
-    if len(shards) == 1:
-        mx.save_safetensors(str(out_dir / "model.safetensors"), shards[0], metadata=metadata)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        mx.save_safetensors(str(out_dir / name), shard, metadata=metadata)
-        weight_map.update({k: name for k in shard})
-    index = {"metadata": {"total_size": sum(v.nbytes for v in weights.values())}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-class atomic_dir:
-    """Write a directory under a temporary name next to `target`, rename it into place on success.
-
-    A crash never leaves a half-written checkpoint at `target`; an existing `target` is replaced only at the end.
-    """
-
-    def __init__(self, target: Union[str, Path]):
-        self.target = Path(target)
-
-    def __enter__(self) -> Path:
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent))
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return False
-        if self.target.exists():
-            old = self.target.with_name(f".{self.target.name}.old-{os.getpid()}")
-            os.replace(self.target, old)
-            os.replace(self.tmp, self.target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(self.tmp, self.target)
-        return False
-
-
-def write_model_files(model: LlavaModel, out_dir: Path) -> None:
-    """config.json + safetensors (published llava-hf layout) into an existing directory."""
-    mx.eval(model.parameters())
-    save_weights(model.hf_weights(), out_dir)
-    (out_dir / "config.json").write_text(json.dumps(config_to_dict(model.config), indent=2) + "\n")
-
-
-_SIDE_FILES = (".json", ".jinja", ".txt", ".model")
-
-
-def save_model(model: LlavaModel, out_dir: Union[str, Path], extra_files_from: Optional[Path] = None) -> Path:
-    """Save the student as a llava directory, atomically (temp dir, then rename).
-
-    `extra_files_from`: copy the tokenizer / processor files (json, jinja, txt) of this directory alongside.
-    """
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        if extra_files_from is not None:
-            for f in Path(extra_files_from).iterdir():
-                if f.is_file() and f.suffix in _SIDE_FILES and f.name not in ("config.json", "model.safetensors.index.json"):
-                    shutil.copy2(f, tmp / f.name)
-        write_model_files(model, tmp)
-    return out_dir

@@ -151,7 +151,9 @@ def build_pico(out: Union[str, Path], seed: int = 0, corpus: Optional[Iterable[s
     import mlx.core as mx
 
     from .assemble import write_processor_files
-    from .model import LlavaModel, ModelConfig, atomic_dir, write_model_files
+    from .atomic import atomic_dir
+    from .io import write_model_files
+    from .model import LlavaModel, ModelConfig
     from .processing import ImageProcessor
 
     tokenizer = train_tokenizer(corpus, vocab_size=vocab_size)

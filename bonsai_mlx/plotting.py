@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from .hub import BonsaiError
+from .errors import BonsaiError
 
 
 def read_metrics(run_dir) -> list:

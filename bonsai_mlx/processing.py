@@ -14,12 +14,16 @@ import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Sequence, Union
+from typing import TYPE_CHECKING, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .hub import BonsaiError
+from .errors import BonsaiError
+from .prompting import build_chat_prompt, user_message
+
+if TYPE_CHECKING:
+    from .model import LlavaModel
 
 _RESAMPLE = {0: Image.NEAREST, 1: Image.LANCZOS, 2: Image.BILINEAR, 3: Image.BICUBIC, 4: Image.BOX, 5: Image.HAMMING}
 
@@ -141,3 +145,50 @@ class ImageProcessor:
             images = [images]
         x = np.stack([self.preprocess_one(im) for im in images]).astype(np.float32)  # [N, H, W, 3]
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if channels_first else x
+
+
+@dataclass
+class Processor:
+    """Tokenizer (mlx-lm's TokenizerWrapper around the transformers tokenizer) + image preprocessing + the
+    model's image-token count: everything needed to turn (prompt, image) into model inputs."""
+
+    tokenizer: object  # mlx_lm.tokenizer_utils.TokenizerWrapper
+    image_processor: ImageProcessor
+    image_seq_length: int
+    context_length: int
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], model: "LlavaModel") -> "Processor":
+        from mlx_lm.tokenizer_utils import load as load_tokenizer
+
+        path = Path(path)
+        eos = set()
+        gen_cfg = path / "generation_config.json"
+        if gen_cfg.exists():
+            e = json.loads(gen_cfg.read_text()).get("eos_token_id")
+            eos.update(e if isinstance(e, list) else [e] if e is not None else [])
+        try:
+            tok = load_tokenizer(path, eos_token_ids=sorted(eos) or None)
+        except (OSError, ValueError) as e:
+            raise BonsaiError(f"cannot load the tokenizer in {path}: {e}") from None
+        for t in ("<|im_end|>",):  # Qwen chat turns end here even when the config only names <|endoftext|>
+            tid = tok._tokenizer.convert_tokens_to_ids(t)
+            if isinstance(tid, int) and tid != tok._tokenizer.unk_token_id:
+                tok.add_eos_token(tid)
+        cfg = model.config
+        return cls(
+            tokenizer=tok,
+            image_processor=ImageProcessor.from_pretrained(path, default_size=cfg.vision_config.image_size),
+            image_seq_length=cfg.image_seq_length,
+            context_length=int(cfg.text_config.get("max_position_embeddings") or 32768),
+        )
+
+    def prompt_ids(self, prompt: str, with_image: bool, system: Optional[str] = None) -> List[int]:
+        """A one-turn prompt (the question, after the image when there is one)."""
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise BonsaiError("the prompt is empty")
+        return self.chat_ids([user_message(prompt, with_image=with_image)], system)
+
+    def chat_ids(self, messages: List[dict], system: Optional[str] = None) -> List[int]:
+        """Chat messages → prompt ids ending with the assistant header (`prompting.build_chat_prompt`)."""
+        return build_chat_prompt(self.tokenizer._tokenizer, messages, self.image_seq_length, system)

@@ -53,14 +53,31 @@ def expand_image_tokens(text: str, image_seq_length: int) -> str:
     return text.replace(IMAGE_TOKEN, IMAGE_TOKEN * image_seq_length)
 
 
+def build_chat_prompt(tokenizer, messages: List[dict], image_seq_length: int, system: Optional[str] = None) -> List[int]:
+    """Token ids of chat `messages` (transformers / OpenAI style: content a string, or a list of {"type": "image"} and
+    {"type": "text", "text": ...} parts) rendered by the tokenizer's chat template and ending with the assistant
+    header; each image becomes `image_seq_length` `<image>` tokens. The one prompt builder of every caller."""
+    messages = ([] if system is None else [{"role": "system", "content": system}]) + list(messages)
+    text = expand_image_tokens(render_chat(tokenizer, messages), image_seq_length)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def build_generation_prompt(
     tokenizer, prompt: str, image_seq_length: int, with_image: bool = True, system: Optional[str] = None
 ) -> List[int]:
     """Token ids of a one-turn prompt ending with the assistant header."""
-    messages = [] if system is None else [{"role": "system", "content": system}]
-    messages.append(user_message(prompt, with_image=with_image))
-    text = expand_image_tokens(render_chat(tokenizer, messages), image_seq_length)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
+    return build_chat_prompt(tokenizer, [user_message(prompt, with_image=with_image)], image_seq_length, system)
+
+
+def turns_to_messages(turns) -> List[dict]:
+    """`parse_turns` output ([(role, text)], the image as a leading "<image>\n") → chat messages."""
+    out = []
+    for role, text in turns:
+        if text.startswith(IMAGE_TOKEN + "\n"):
+            out.append(user_message(text[len(IMAGE_TOKEN) + 1:], with_image=True))
+        else:
+            out.append({"role": role, "content": text})
+    return out
 
 
 # --- LLaVA-Instruct records → supervised examples ---------------------------------------------------------------

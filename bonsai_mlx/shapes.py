@@ -24,14 +24,14 @@ balanced; per-turn types of train records are in `"types"`.
 
 from __future__ import annotations
 
-import json
-import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from PIL import Image, ImageDraw
+
+from .atomic import atomic_file, write_json
 
 COLOURS: Dict[str, tuple] = {
     "red": (220, 40, 40),
@@ -137,15 +137,12 @@ def ask(qtype: str, objs: Sequence[Obj], rng: random.Random, subject: Optional[O
 
 
 def _save_png(img: Image.Image, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 def _write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 def generate_split(out: Path, split: str, n_images: int, rng: random.Random, size: int, types: Sequence[str],

@@ -32,13 +32,14 @@ import mlx.optimizers as optim
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from .adapters import DEFAULT_LORA_KEYS, add_lora, lora_config, save_adapter
+from .atomic import atomic_dir
 from .data import BatchIterator, SFTDataset, file_sha256, read_records
-from .hub import BonsaiError, resolve
+from .errors import BonsaiError
+from .hub import resolve
+from .io import DTYPES, load_model
 from .losses import masked_ce
-from .model import LlavaModel, atomic_dir, load_model
+from .model import LlavaModel
 from .processing import ImageProcessor
-
-_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
 @dataclass
@@ -108,8 +109,8 @@ class TrainConfig:
             raise BonsaiError("pass either --max-steps or --epochs, not both")
         if str(self.quantize) not in ("4", "8", "none"):
             raise BonsaiError(f"--quantize must be 4, 8 or none, got {self.quantize!r}")
-        if self.dtype not in _DTYPES:
-            raise BonsaiError(f"--dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPES:
+            raise BonsaiError(f"--dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
         if self.limit is not None and int(self.limit) < 1:
             raise BonsaiError("--limit must be at least 1")
         for name in ("batch_size", "grad_accum", "lora_rank", "max_seq_len"):
@@ -146,17 +147,14 @@ def lr_schedule(peak: float, total_steps: int, warmup_ratio: float):
 
 
 def prepare_student(cfg: TrainConfig) -> LlavaModel:
-    """Load the student, quantize + freeze the LM, add LoRA, make the projector trainable."""
-    return make_trainable(load_model(cfg.model), cfg)
+    """Load the student (cast to the run's dtype, the LM quantized for QLoRA), freeze it, add LoRA, make the
+    projector trainable."""
+    quant = None if str(cfg.quantize) == "none" else int(cfg.quantize)
+    return make_trainable(load_model(cfg.model, quantize=quant, dtype=cfg.dtype), cfg)
 
 
 def make_trainable(model: LlavaModel, cfg: TrainConfig) -> LlavaModel:
-    quant = None if str(cfg.quantize) == "none" else int(cfg.quantize)
-    model.set_dtype(_DTYPES[cfg.dtype])
-    if quant and not model.config.quantization:
-        from .model import quantize_language_model
-
-        quantize_language_model(model, bits=quant)
+    """Freeze the base, then unfreeze what `cfg` trains (LoRA or the whole LM, the vision tower, the projector)."""
     model.freeze()
     if cfg.train_lm == "full":
         model.language_model.unfreeze()

@@ -17,8 +17,6 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
-from .policy import gelu_tanh, sdpa
-
 
 @dataclass
 class VisionConfig:
@@ -44,11 +42,11 @@ class VisionConfig:
 
 
 _ACTIVATIONS = {
-    # transformers ACT2FN names → MLX. SigLIP uses the tanh approximation ("gelu_pytorch_tanh"); on the CPU it runs
-    # as policy.fast_gelu_tanh (MLX's CPU tanh is slow), elsewhere as nn.gelu_approx.
-    "gelu_pytorch_tanh": gelu_tanh,
-    "gelu_new": gelu_tanh,
-    "gelu_fast": gelu_tanh,
+    # transformers ACT2FN names → MLX. SigLIP uses the tanh approximation ("gelu_pytorch_tanh"); on the CPU,
+    # `accelerate()` runs it on a faster rational tanh (cpu/layers.py: CPUVisionMLP).
+    "gelu_pytorch_tanh": nn.gelu_approx,
+    "gelu_new": nn.gelu_approx,
+    "gelu_fast": nn.gelu_approx,
     "gelu": nn.gelu,
     "quick_gelu": nn.gelu_fast_approx,
 }
@@ -78,8 +76,12 @@ class Attention(nn.Module):
         q = q.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, Dh]
         k = k.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
         v = v.reshape(B, L, self.num_heads, -1).transpose(0, 2, 1, 3)
-        out = sdpa(q, k, v, self.scale)  # bidirectional, no mask (policy.sdpa: fast softmax on the CPU)
+        out = self.attend(q, k, v)  # [B, H, L, Dh]
         return self.out_proj(out.transpose(0, 2, 1, 3).reshape(B, L, D))
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array) -> mx.array:
+        # bidirectional, no mask (on the CPU, `accelerate()` swaps in a faster softmax: cpu/layers.py)
+        return mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale)
 
 
 class MLP(nn.Module):

@@ -25,8 +25,10 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from bonsai_mlx.atomic import atomic_file
 from bonsai_mlx.data import file_sha256, read_records
-from bonsai_mlx.hub import BonsaiError, resolve
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.hub import resolve
 from bonsai_mlx.processing import load_image, to_rgb
 from bonsai_mlx.prompting import RecordError, encode_example, parse_turns
 
@@ -392,9 +394,8 @@ def finalize(out: Path, identity: dict, world: int, stats_tokens: int, log=print
         k = key.split("L")[-1]
         stats[f"{prefix}mean.L{k}"] = mean.astype(np.float32)
         stats[f"{prefix}std.L{k}"] = np.maximum(std, 1e-6).astype(np.float32)
-    tmp = out / f".stats.safetensors.tmp-{os.getpid()}"
-    save_file(stats, str(tmp), metadata={"format": "np", "tokens": str(n_text)})
-    os.replace(tmp, out / "stats.safetensors")
+    with atomic_file(out / "stats.safetensors") as tmp:
+        save_file(stats, str(tmp), metadata={"format": "np", "tokens": str(n_text)})
 
     manifest = {
         **{k: v for k, v in identity.items() if k not in ("batch_size", "world_size")},

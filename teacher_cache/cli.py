@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from bonsai_mlx.hub import BonsaiError
+from bonsai_mlx.errors import BonsaiError
 
 
 def _layers(ctx, param, value):

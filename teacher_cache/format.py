@@ -14,13 +14,13 @@ CACHE_DIR/
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from bonsai_mlx.atomic import atomic_file, write_json  # framework-free
 from bonsai_mlx.data import file_sha256 as sha256_file  # noqa: E402  (framework-free)
 
 
@@ -50,9 +50,8 @@ def write_shard(path: Path, samples: List[dict], layers: List[int], image_layers
     for k in image_layers:
         x = np.stack([s["image"][k] for s in samples])
         _put(tensors, f"image.L{k}", f"image_scale.L{k}", x, dtype)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "np"})
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "np"})
     return path.stat().st_size
 
 
@@ -73,9 +72,7 @@ def read_manifest(cache_dir) -> dict:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 class CacheReader:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from conftest import build_llava, image_token_id
 
-from bonsai_mlx import _blas
+from bonsai_mlx.cpu import blas as _blas
 
 CODE = r"""
 import sys, numpy as np
-import bonsai_mlx, bonsai_mlx._blas as b
+import bonsai_mlx, bonsai_mlx.cpu.blas as b
 import mlx.core as mx
-from bonsai_mlx.model import load_model
+from bonsai_mlx.io import load_model
 m = load_model(sys.argv[1])
 ids = mx.array(np.load(sys.argv[2]))
 pix = mx.array(np.load(sys.argv[3]))

@@ -13,8 +13,8 @@ from conftest import build_llava, make_shapes_data
 from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-from bonsai_mlx.generate import generate, load
-from bonsai_mlx.model import load_model
+from bonsai_mlx.generate import generate
+from bonsai_mlx.io import load, load_model
 from bonsai_mlx.prompting import render_chat, user_message
 from bonsai_mlx.trainer import TrainConfig, Trainer
 

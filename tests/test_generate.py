@@ -13,8 +13,9 @@ from conftest import build_llava
 from PIL import Image, ImageDraw
 
 from bonsai_mlx.adapters import add_lora, apply_adapter, lora_config, save_adapter
-from bonsai_mlx.generate import generate, load
-from bonsai_mlx.hub import BonsaiError
+from bonsai_mlx.errors import BonsaiError
+from bonsai_mlx.generate import generate
+from bonsai_mlx.io import load
 
 
 @pytest.fixture(scope="module")
@@ -53,25 +54,27 @@ def test_greedy_tokens_equal_transformers_generate(student, tmp_path):
 
 
 def test_kv_cached_decoding_equals_full_recomputation(student, tmp_path, monkeypatch):
-    # decode runs its one-row products through cblas_sgemv where OpenBLAS is loaded (policy.gemv), prefill and the
+    # decode runs its one-row products through cblas_sgemv where OpenBLAS is loaded (cpu.decode.gemv), prefill and the
     # reference below through MLX's matmul
-    from bonsai_mlx import _blas, policy
+    from bonsai_mlx.cpu import blas as _blas
+    from bonsai_mlx.cpu import decode as cpu_decode
+    from bonsai_mlx.cpu import policy_enabled
 
     d, _ = student
     model, processor = load(d)
     img = str(_pictures(tmp_path)[0])
     calls = []  # (inside decoding(), took cblas_sgemv)
-    real = policy.gemv
+    real = cpu_decode.gemv
 
     def recording(*args):
         y = real(*args)
-        calls.append((policy._DECODING.get(), y is not None))
+        calls.append((cpu_decode._DECODING.get(), y is not None))
         return y
 
-    monkeypatch.setattr(policy, "gemv", recording)
+    monkeypatch.setattr(cpu_decode, "gemv", recording)
     res = generate(model, processor, "What is here?", image=img, max_tokens=12)
     decode = [took for inside, took in calls if inside]
-    assert decode or not policy.enabled()  # BONSAI_CPU_POLICY=off: the linears are MLX's own
+    assert decode or not policy_enabled()  # BONSAI_CPU_POLICY=off: the linears are MLX's own
     assert all(took == bool(_blas.loaded) for took in decode)
     assert not any(took for inside, took in calls if not inside)  # prefill: MLX's matmul
     ids = processor.prompt_ids("What is here?", with_image=True)

@@ -207,7 +207,7 @@ def test_hsd_with_full_lm_and_vision_training(world, tmp_path):
     assert (ck / "weights.safetensors").exists() and (ck / "align.safetensors").exists()
     saved = mx.load(str(ck / "weights.safetensors"))
     assert not any(k.startswith("align.") for k in saved)
-    from bonsai_mlx.generate import load
+    from bonsai_mlx.io import load
 
     model, _ = load(student, adapter=ck)
     for k in ("vision_tower.vision_model.embeddings.patch_embedding.weight", "language_model.model.norm.weight"):

@@ -17,7 +17,7 @@ from transformers import (
 )
 
 from bonsai_mlx.cli import cli
-from bonsai_mlx.model import load_model
+from bonsai_mlx.io import load_model
 from bonsai_mlx.pico import train_tokenizer
 
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import build_llava, image_token_id
 
+from bonsai_mlx.io import load_model
 from bonsai_mlx.language import normalize_text_config
-from bonsai_mlx.model import load_model
 
 P = 16  # image tokens of the tiny tower (32 / 8) ** 2
 

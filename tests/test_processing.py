@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from transformers import SiglipImageProcessor
 
-from bonsai_mlx.hub import BonsaiError
+from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.processing import ImageProcessor
 
 

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from conftest import build_llava, image_token_id
 
-from bonsai_mlx.model import load_model, quantize_language_model, save_model
+from bonsai_mlx.cpu import accelerate
+from bonsai_mlx.io import load_model, save_model
+from bonsai_mlx.model import quantize_language_model
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -20,6 +22,7 @@ def test_quantized_save_load_round_trip(tmp_path, tokenizer, bits):
     full = np.array(model(ids, pix))
 
     quantize_language_model(model, bits=bits)
+    accelerate(model)  # the new quantized layers get the CPU kernels, as load_model(quantize=...) gives them
     assert isinstance(model.language_model.model.layers[0].mlp.down_proj, nn.QuantizedLinear)
     assert isinstance(model.language_model.model.embed_tokens, nn.QuantizedEmbedding)
     assert isinstance(model.multi_modal_projector.linear_1, nn.Linear)

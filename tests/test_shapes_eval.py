@@ -174,7 +174,7 @@ def test_pope_builder_splits(shapes, tmp_path):
 
 
 def test_pope_builder_bad_input(tmp_path):
-    from bonsai_mlx.hub import BonsaiError
+    from bonsai_mlx.errors import BonsaiError
 
     with pytest.raises(BonsaiError, match="no such file"):
         build_pope(tmp_path / "missing.json", tmp_path / "p.jsonl")

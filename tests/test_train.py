@@ -12,7 +12,7 @@ from conftest import COLOURS, build_llava, make_shapes_data
 from mlx.utils import tree_flatten
 from PIL import Image
 
-from bonsai_mlx.hub import BonsaiError
+from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.trainer import TrainConfig, Trainer
 
 
@@ -219,7 +219,7 @@ def test_fuse_equals_adapter(setup, tmp_path):
              if '"split": "eval"' in x]
     assert [e["step"] for e in evals] == [2, 3] and evals[0]["samples"] == 48
     assert abs(evals[-1]["perplexity"] - np.exp(evals[-1]["loss"])) < 1e-6 * evals[-1]["perplexity"]
-    from bonsai_mlx.generate import load
+    from bonsai_mlx.io import load
 
     model, processor = load(student, adapter=tmp_path / "run" / "checkpoint")
     ids = mx.array([processor.prompt_ids("What colour?", with_image=True)])
@@ -273,7 +273,7 @@ def test_train_vision_and_full_lm(setup, tmp_path):
     assert {k for k in allp if not k.startswith("multi_modal_projector.")} == set(saved)
     assert not (tmp_path / "run" / "checkpoint" / "adapters.safetensors").exists()
 
-    from bonsai_mlx.generate import load
+    from bonsai_mlx.io import load
 
     model, processor = load(student, adapter=tmp_path / "run" / "checkpoint")
     ids = mx.array([processor.prompt_ids("What colour?", with_image=True)])

@@ -148,7 +148,7 @@ def make_teacher(p: Plan, data: Path) -> Path:
 def make_students(p: Plan, data: Path) -> Dict[int, Path]:
     import json as _json
 
-    from bonsai_mlx import _blas
+    from bonsai_mlx.cpu import blas as _blas
     from bonsai_mlx.demo import DEMO_TEXT, DEMO_VISION, pretrain_vision
     from bonsai_mlx.pico import build_pico
 

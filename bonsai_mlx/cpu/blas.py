@@ -14,6 +14,7 @@ import importlib.util
 import os
 import platform
 import sys
+from functools import lru_cache
 
 CANDIDATES = [
     # Debian / Ubuntu (libopenblas0-pthread, libopenblas0-openmp, libopenblas0)
@@ -90,3 +91,19 @@ def set_threads(n: int) -> bool:
     except (OSError, AttributeError):
         return False
     return True
+
+
+@lru_cache(maxsize=1)
+def sgemv():
+    """The loaded BLAS's `cblas_sgemv` as a ctypes function (row-major call), or None when no BLAS was loaded. MLX
+    itself only calls sgemm; the decode path (decode.py) calls this for one-row products."""
+    if not loaded:
+        return None
+    try:
+        f = ctypes.CDLL(loaded).cblas_sgemv
+    except (OSError, AttributeError):
+        return None
+    f.restype = None
+    i, p = ctypes.c_int, ctypes.c_void_p
+    f.argtypes = [i, i, i, i, ctypes.c_float, p, i, p, i, ctypes.c_float, p, i]
+    return f

@@ -1,4 +1,4 @@
-"""The CPU execution policy changes speed, not results."""
+"""The CPU path (bonsai_mlx/cpu/, switched in by `accelerate`) changes speed, not results."""
 
 import os
 import subprocess
@@ -9,16 +9,17 @@ import mlx.nn as nn
 import numpy as np
 from conftest import build_llava, image_token_id
 
-from bonsai_mlx.model import load_model
-from bonsai_mlx.policy import PREFILL_ROWS, CPUQuantizedEmbedding, CPUQuantizedLinear
+from bonsai_mlx.cpu.device import PREFILL_ROWS
+from bonsai_mlx.cpu.quantized import CPUQuantizedEmbedding, CPUQuantizedLinear
+from bonsai_mlx.io import load_model
 
 
 def test_dequantized_prefill_equals_quantized_kernel(tmp_path, tokenizer, monkeypatch):
-    from bonsai_mlx import policy
+    from bonsai_mlx.cpu import quantized
 
     calls = []
-    real = policy.dequantized_matmul
-    monkeypatch.setattr(policy, "dequantized_matmul", lambda *a: calls.append(1) or real(*a))
+    real = quantized.dequantized_matmul
+    monkeypatch.setattr(quantized, "dequantized_matmul", lambda *a: calls.append(1) or real(*a))
     d, _ = build_llava(tmp_path / "m", tokenizer)
     model = load_model(d, quantize=4)
     layer = model.language_model.model.layers[0].mlp.down_proj
@@ -42,9 +43,9 @@ def test_dequantized_prefill_equals_quantized_kernel(tmp_path, tokenizer, monkey
 def test_sliced_dequantized_matmul_equals_whole_dequantize(monkeypatch):
     """The slices (output rows when N >= K, summed input columns otherwise) give the whole product, values and
     gradients, for every bit width whose packing the column slices cut."""
-    from bonsai_mlx import policy
+    from bonsai_mlx.cpu import quantized
 
-    monkeypatch.setattr(policy, "DEQUANT_SLICE", 40 * 64)  # several slices of these small weights
+    monkeypatch.setattr(quantized, "DEQUANT_SLICE", 40 * 64)  # several slices of these small weights
     rng = np.random.default_rng(0)
     for (n, k), bits in [((96, 128), 4), ((40, 384), 4), ((40, 384), 3), ((40, 384), 8), ((256, 64), 2)]:
         w = mx.array(rng.standard_normal((n, k)).astype(np.float32))
@@ -56,7 +57,7 @@ def test_sliced_dequantized_matmul_equals_whole_dequantize(monkeypatch):
             return x @ mx.dequantize(*q).T
 
         def sliced(x, q=q):
-            return policy.dequantized_matmul(x, *q)
+            return quantized.dequantized_matmul(x, *q)
 
         assert sliced(x).shape == whole(x).shape
         assert np.abs(np.array(sliced(x)) - np.array(whole(x))).max() <= 1e-4, (n, k, bits)
@@ -69,10 +70,10 @@ def test_bf16_checkpoint_is_upcast_on_cpu(tmp_path, tokenizer):
     d, _ = build_llava(tmp_path / "m", tokenizer)
     m = load_model(d)
     m.set_dtype(mx.bfloat16)
-    from bonsai_mlx.model import save_model
+    from bonsai_mlx.io import save_model
 
     save_model(m, tmp_path / "bf16", extra_files_from=d)
-    code = ("import bonsai_mlx, mlx.core as mx; from bonsai_mlx.model import load_model; "
+    code = ("import bonsai_mlx, mlx.core as mx; from bonsai_mlx.io import load_model; "
             f"m = load_model({str(tmp_path / 'bf16')!r}); "
             "print(m.language_model.model.layers[0].mlp.down_proj.weight.dtype)")
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -87,10 +88,11 @@ def test_fast_cpu_functions_match_mlx(monkeypatch):
     masks, GQA, and single-query decode."""
     import mlx.nn as nn
 
-    from bonsai_mlx import policy
-    from bonsai_mlx.policy import fast_gelu_tanh, fast_sdpa, fast_swiglu, fast_tanh
+    from bonsai_mlx.cpu import activations, attention
+    from bonsai_mlx.cpu.activations import fast_gelu_tanh, fast_swiglu, fast_tanh
+    from bonsai_mlx.cpu.attention import fast_sdpa
 
-    monkeypatch.setattr(policy, "CAUSAL_CHUNK", 3)  # 7 causal queries → 2 chunks
+    monkeypatch.setattr(attention, "CAUSAL_CHUNK", 3)  # 7 causal queries → 2 chunks
 
     y = mx.linspace(-60, 60, 100001)
     assert float(mx.abs(fast_tanh(y) - mx.tanh(y)).max()) < 1e-6
@@ -105,8 +107,8 @@ def test_fast_cpu_functions_match_mlx(monkeypatch):
     assert abs(fast_swiglu(big, mx.ones_like(big)).tolist()[3] - 1e6) <= 0.1
     # the clamp kernels zero what multiplies sigmoid below the clamp (the rational's rounding there is not relied on),
     # and a masked score's exponential is exactly 0 (at the exp clamp the rational alone leaves 1.8e-7)
-    assert policy._swiglu_clamped(big)[1].tolist() == [0.0, 0.0, 0.0, 1e6]  # gate zeroed below -2·_TANH_CLAMP
-    assert policy._fast_exp_rows(mx.array([[0.0, -1e30, -40.0, -1.0]])).tolist()[0][:3] == [1.0, 0.0, 0.0]
+    assert activations._swiglu_clamped(big)[1].tolist() == [0.0, 0.0, 0.0, 1e6]  # gate zeroed below -2·_TANH_CLAMP
+    assert activations._fast_exp_rows(mx.array([[0.0, -1e30, -40.0, -1.0]])).tolist()[0][:3] == [1.0, 0.0, 0.0]
 
     mx.random.seed(0)
     q, k, v = mx.random.normal((2, 4, 7, 8)), mx.random.normal((2, 2, 9, 8)), mx.random.normal((2, 2, 9, 8))
@@ -129,42 +131,44 @@ def test_fast_cpu_functions_match_mlx(monkeypatch):
 
 
 def test_sliced_tied_head_equals_the_full_product_and_decode_uses_it(tmp_path, tokenizer, monkeypatch):
-    from bonsai_mlx import policy
+    from bonsai_mlx.cpu import decode
+    from bonsai_mlx.cpu.policy import CPU_CACHE_LIMIT
 
     rng = np.random.default_rng(0)
     W = mx.array(rng.standard_normal((5 * 2048 + 77, 64)).astype(np.float32))  # last slice shorter
     x = mx.array(rng.standard_normal((1, 1, 64)).astype(np.float32))
-    full, sliced = np.array(x @ W.T), np.array(policy.sliced_head(x, W))
+    full, sliced = np.array(x @ W.T), np.array(decode.sliced_head(x, W))
     assert sliced.shape == full.shape and np.abs(sliced - full).max() <= 1e-4 * np.abs(full).max()
 
     d, _ = build_llava(tmp_path / "m", tokenizer)
     model = load_model(d)
     head = model.language_model.model.embed_tokens
-    assert type(head) is policy.CPUTiedHead
-    monkeypatch.setattr(policy, "HEAD_SLICE_ROWS", 16)  # the tiny vocabulary in several slices
+    assert type(head) is decode.CPUTiedHead
+    monkeypatch.setattr(decode, "HEAD_SLICE_ROWS", 16)  # the tiny vocabulary in several slices
     calls = []
-    real = policy.sliced_head
-    monkeypatch.setattr(policy, "sliced_head", lambda *a: calls.append(a[0].shape) or real(*a))
+    real = decode.sliced_head
+    monkeypatch.setattr(decode, "sliced_head", lambda *a: calls.append(a[0].shape) or real(*a))
     h = mx.array(rng.standard_normal((1, PREFILL_ROWS, head.weight.shape[1])).astype(np.float32))
     many = np.array(head.as_linear(h))  # prefill-sized: the plain product
     assert not calls
     one = np.array(head.as_linear(h[:, -1:]))  # decode: sliced
     assert calls and np.abs(one[0, 0] - many[0, -1]).max() <= 1e-5
-    assert mx.set_cache_limit(policy.CPU_CACHE_LIMIT) >= policy.CPU_CACHE_LIMIT  # the model raised it
+    assert mx.set_cache_limit(CPU_CACHE_LIMIT) >= CPU_CACHE_LIMIT  # the model raised it
 
 
 def test_decode_gemv_equals_matmul_and_only_applies_inside_decoding():
-    from bonsai_mlx import _blas, policy
+    from bonsai_mlx.cpu import blas as _blas
+    from bonsai_mlx.cpu import decode
 
     rng = np.random.default_rng(1)
     W = mx.array(rng.standard_normal((300, 64)).astype(np.float32))
     b = mx.array(rng.standard_normal(300).astype(np.float32))
     x = mx.array(rng.standard_normal((1, 1, 64)).astype(np.float32))
-    assert policy.gemv(x, W) is None  # outside decoding(): MLX's matmul
-    with policy.decoding():
-        assert policy.gemv(mx.concatenate([x, x], axis=1), W) is None  # more than one row
-        assert policy.gemv(x.astype(mx.float16), W.astype(mx.float16)) is None
-        y, yb = policy.gemv(x, W), policy.gemv(x, W, b)
+    assert decode.gemv(x, W) is None  # outside decoding(): MLX's matmul
+    with decode.decoding():
+        assert decode.gemv(mx.concatenate([x, x], axis=1), W) is None  # more than one row
+        assert decode.gemv(x.astype(mx.float16), W.astype(mx.float16)) is None
+        y, yb = decode.gemv(x, W), decode.gemv(x, W, b)
     if not _blas.loaded:  # BONSAI_BLAS=none: no cblas_sgemv to call
         assert y is None and yb is None
         return
@@ -173,6 +177,6 @@ def test_decode_gemv_equals_matmul_and_only_applies_inside_decoding():
     assert float(mx.abs(yb - (x @ W.T + b)).max()) <= 1e-5
     lin = nn.Linear(64, 300)
     lin.weight, lin.bias = W, b
-    lin.__class__ = policy.CPULinear
-    with policy.decoding():
+    lin.__class__ = decode.CPULinear
+    with decode.decoding():
         assert float(mx.abs(lin(x) - (x @ W.T + b)).max()) <= 1e-5

@@ -1,0 +1,72 @@
+"""Many-row products of MLX-quantized layers on the CPU: a dequantized weight, a slice at a time.
+
+MLX's CPU `quantized_matmul` is scalar (`python bench/cpu_kernels.py`, 200×896 @ 896×4864: 749 ms vs dequantize +
+float32 GEMM 18.7 ms), so quantized layers keep their 4-bit weights in memory (what `--quantize` promises) but multiply
+many-row inputs (prefill, training) through a transient dequantized slice; single rows (decode) stay on MLX's kernel.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .device import PREFILL_ROWS, on_cpu
+
+# MLX's CPU `dequantize` holds a temporary as large as its output, and the lazy graph is free to dequantize several
+# weights before their products: a 4-bit prefill peaked 141 MB above the weights. So weights are dequantized in
+# slices of about DEQUANT_SLICE float32 elements (along the longer of the output rows / input columns), each slice
+# ordered after the previous slice's product (`mx.depends`): one transient slice at a time. `python
+# bench/cpu_dequant.py` (288 tokens, 3 rounds): peak +141 → +83 MB, 2.19 vs 2.20 s (2^20-element slices: +74 MB but
+# 2.63 s; 2^22: +100 MB).
+DEQUANT_SLICE = 1 << 21
+
+
+def dequantized_matmul(x, wq, scales, biases, group_size: int, bits: int) -> mx.array:
+    """x @ dequantize(W).T in the input's dtype (W [N, K] quantized along K), a slice at a time."""
+    N, K = scales.shape[0], scales.shape[1] * group_size
+    after = x  # the first slice waits for x: it is not dequantized ahead of the layers before it
+
+    def part(xs, w_rows, w_cols, g_cols):
+        nonlocal after
+        w = mx.dequantize(mx.depends(wq[w_rows, w_cols], after), scales[w_rows, g_cols], biases[w_rows, g_cols],
+                          group_size, bits)
+        after = xs @ w.astype(x.dtype).T
+        return after
+
+    every = slice(None)
+    if N >= K:  # slices of output rows, concatenated: [..., N]
+        step = max(1, DEQUANT_SLICE // K)
+        outs = [part(x, slice(i, i + step), every, every) for i in range(0, N, step)]
+        return outs[0] if len(outs) == 1 else mx.concatenate(outs, axis=-1)
+    # slices of input columns (whole quantization groups), summed; packed words hold 32 // bits values
+    step = max(1, DEQUANT_SLICE // N // group_size) * group_size
+    y = None
+    for k in range(0, K, step):
+        e = min(K, k + step)
+        yk = part(x[..., k:e], every, slice(k * bits // 32, e * bits // 32), slice(k // group_size, e // group_size))
+        y = yk if y is None else y + yk
+    return y
+
+
+class CPUQuantizedLinear(nn.QuantizedLinear):
+    """A QuantizedLinear whose many-row products go through a dequantized weight on the CPU."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if rows < PREFILL_ROWS or not on_cpu() or getattr(self, "mode", "affine") != "affine":
+            return super().__call__(x)
+        y = dequantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
+    """The tied LM head (`as_linear`) of a quantized embedding, with the same many-row CPU path."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        rows = x.size // x.shape[-1]
+        if rows < PREFILL_ROWS or not on_cpu() or getattr(self, "mode", "affine") != "affine":
+            return super().as_linear(x)
+        return dequantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+
