@@ -77,7 +77,8 @@ def train_step(rounds: int) -> tuple:
     from bonsai_mlx.demo import DEMO_TEXT, DEMO_VISION
     from bonsai_mlx.io import load_model
     from bonsai_mlx.pico import build_pico
-    from bonsai_mlx.trainer import TrainConfig, build_step, make_trainable
+    from bonsai_mlx.train.config import TrainConfig
+    from bonsai_mlx.train.step import build_step, make_trainable
 
     d = tempfile.mkdtemp(prefix="bonsai-compile-bench-")
     build_pico(f"{d}/pico", image_size=48, patch_size=16, vision=DEMO_VISION, text=DEMO_TEXT)

@@ -110,7 +110,7 @@ def main():
     from common import real_size_student
 
     from bonsai_mlx.doctor import read_bandwidth
-    from bonsai_mlx.export import export
+    from bonsai_mlx.export.hf import export
     from bonsai_mlx.io import save_model
 
     tmp = Path(tempfile.mkdtemp(prefix="bonsai-cpu-bench-"))

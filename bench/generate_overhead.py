@@ -26,7 +26,8 @@ from mlx_lm.generate import stream_generate as lm_stream_generate  # noqa: E402
 from mlx_lm.sample_utils import make_sampler  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from bonsai_mlx.generate import Processor, generate  # noqa: E402
+from bonsai_mlx.generate import generate  # noqa: E402
+from bonsai_mlx.processing import Processor  # noqa: E402
 
 
 def main():

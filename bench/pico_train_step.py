@@ -28,7 +28,8 @@ def worker(model_dir: str, steps: int, threads: int) -> dict:
 
     from bonsai_mlx.cpu import blas as _blas
     from bonsai_mlx.io import load_model
-    from bonsai_mlx.trainer import TrainConfig, build_step, make_trainable
+    from bonsai_mlx.train.config import TrainConfig
+    from bonsai_mlx.train.step import build_step, make_trainable
 
     _blas.set_threads(threads)
     model = load_model(model_dir)

@@ -25,7 +25,8 @@ import numpy as np  # noqa: E402
 from common import real_size_student  # noqa: E402
 
 from bonsai_mlx.cpu import blas as _blas  # noqa: E402
-from bonsai_mlx.trainer import TrainConfig, build_step, make_trainable  # noqa: E402
+from bonsai_mlx.train.config import TrainConfig
+from bonsai_mlx.train.step import build_step, make_trainable  # noqa: E402
 
 
 def measure(quantize: str, steps: int, seq_len: int):

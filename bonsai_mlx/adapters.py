@@ -21,16 +21,7 @@ from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
 
 from .errors import BonsaiError
 from .model import LlavaModel
-
-DEFAULT_LORA_KEYS = (
-    "self_attn.q_proj",
-    "self_attn.k_proj",
-    "self_attn.v_proj",
-    "self_attn.o_proj",
-    "mlp.gate_proj",
-    "mlp.up_proj",
-    "mlp.down_proj",
-)
+from .train.config import DEFAULT_LORA_KEYS
 
 
 def lora_config(rank: int = 16, alpha: float = 32.0, dropout: float = 0.05, keys: Sequence[str] = DEFAULT_LORA_KEYS,

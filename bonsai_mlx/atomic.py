@@ -61,4 +61,4 @@ def write_text(target: Union[str, Path], text: str) -> None:
 
 
 def write_json(target: Union[str, Path], obj, indent: int = 1) -> None:
-    write_text(target, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+    write_text(target, json.dumps(obj, indent=indent) + "\n")

@@ -4,7 +4,7 @@ one answer.
 1. `shapes.build_shapes`: the synthetic visual-QA set (train: multi-turn records, every question type per image;
    held-out: one question per record, equal shares per type, disjoint images);
 2. `pico.build_pico`: a tiny random SigLIP + Qwen2 student with a tokenizer trained on the train text;
-3. the untrained student answers the held-out questions (`evaluate.eval_vqa`, as `bonsai-mlx eval --task vqa`);
+3. the untrained student answers the held-out questions (`evaluate.vqa.eval_vqa`, as `bonsai-mlx eval --task vqa`);
 4. SFT with the ordinary trainer (`bonsai-mlx train`): the LM trained in full and the vision tower unfrozen, since
    both start random;
 5. the trained student answers the same questions; a before/after table with chance levels and 95% intervals;
@@ -133,12 +133,13 @@ def _save_eval(res: dict, path: Path) -> None:
 
 def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
     from . import load
-    from .data import read_records
-    from .evaluate import Evaluator, eval_vqa
+    from .evaluate.vqa import Evaluator, eval_vqa
     from .pico import build_pico
     from .plotting import plot_metrics
     from .shapes import CHANCE, build_shapes
-    from .trainer import TrainConfig, Trainer
+    from .train.config import TrainConfig
+    from .train.data import read_records
+    from .train.trainer import Trainer
 
     out = Path(cfg.out)
     if out.exists() and any(out.iterdir()):

@@ -60,8 +60,28 @@ class GenerationResult:
             d.pop(k)
         return d
 
+    def to_json(self) -> dict:
+        """The object `generate --json` prints (and each line of folder mode)."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "token_ids": self.token_ids,
+            "text": self.text,
+            "ttft_s": round(self.ttft_s, 4),
+            "vision_s": round(self.vision_s, 4),
+            "prefill_tps": round(self.prefill_tps, 2),
+            "decode_tps": round(self.decode_tps, 2),
+            "peak_memory_gb": round(self.peak_memory_gb, 4),
+            "finish_reason": self.finish_reason,
+        }
 
-def _check_sampling(max_tokens: int, temp: float, top_p: float, top_k: int) -> None:
+    def stats_line(self) -> str:
+        """The timing line `generate` prints to stderr."""
+        return (f"ttft {self.ttft_s:.3f}s | vision {self.vision_s:.3f}s | prefill {self.prefill_tps:.1f} tok/s "
+                f"({self.prompt_tokens} tokens) | decode {self.decode_tps:.1f} tok/s ({len(self.token_ids)} tokens) | "
+                f"peak memory {self.peak_memory_gb:.2f} GB")
+
+
+def check_sampling(max_tokens: int, temp: float, top_p: float, top_k: int) -> None:
     if max_tokens < 1:
         raise BonsaiError(f"--max-tokens must be at least 1, got {max_tokens}")
     if temp < 0:
@@ -168,7 +188,7 @@ def stream_generate(
 
     Stops at an EOS token (finish_reason "stop"; the EOS is not part of the answer) or after `max_tokens` tokens
     ("length"), with mlx-lm's `stream_generate` semantics."""
-    _check_sampling(max_tokens, temp, top_p, top_k)
+    check_sampling(max_tokens, temp, top_p, top_k)
     if seed is not None:
         mx.random.seed(seed)
     mx.reset_peak_memory()
@@ -247,6 +267,31 @@ def generate(model: LlavaModel, processor: Processor, prompt: Optional[str] = No
 
 def list_images(folder: Path) -> List[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def generate_folder(model: LlavaModel, processor: Processor, prompt: str, images: List[Path], **kwargs):
+    """Yield one JSON-able dict per image (`{"image", **result}`, or `{"image", "error"}` for an image that fails):
+    a bad image never stops the rest."""
+    for img in images:
+        try:
+            yield {"image": str(img), **generate(model, processor, prompt, image=str(img), **kwargs).to_json()}
+        except BonsaiError as e:
+            yield {"image": str(img), "error": str(e)}
+
+
+def check_image_arg(image: Optional[str]) -> Optional[List[Path]]:
+    """`--image`: None, a URL or a file (returns None), or a directory (returns its images); one-line errors."""
+    if image is None or image.startswith(("http://", "https://")):
+        return None
+    p = Path(image)
+    if p.is_dir():
+        found = list_images(p)
+        if not found:
+            raise BonsaiError(f"--image {image}: the directory holds no images ({', '.join(sorted(IMAGE_EXTENSIONS))})")
+        return found
+    if not p.exists():
+        raise BonsaiError(f"--image {image}: no such file")
+    return None
 
 
 class _CallableModule(type(sys.modules[__name__])):

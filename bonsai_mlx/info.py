@@ -47,10 +47,11 @@ def model_info(path_or_repo: str, adapter: Optional[str] = None) -> dict:
         "language": _count(model.language_model),
     }
     if adapter is not None:
-        from .adapters import apply_adapter
+        from .adapters import adapter_quantization, apply_adapter
 
-        apply_adapter(model, adapter)
-        lora = sum(v.size for k, v in tree_flatten(model.language_model.parameters()) if k.endswith(("lora_a", "lora_b")))
+        adapted = load_model(path, lazy=True, quantize=adapter_quantization(adapter))  # QLoRA: its quantized base
+        apply_adapter(adapted, adapter)
+        lora = sum(v.size for k, v in tree_flatten(adapted.language_model.parameters()) if k.endswith(("lora_a", "lora_b")))
         params["lora"] = lora
     params["total"] = sum(params.values())
     files = list(Path(path).glob("*.safetensors"))

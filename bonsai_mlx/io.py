@@ -20,8 +20,9 @@ from .atomic import atomic_dir
 from .errors import BonsaiError
 from .hub import resolve
 from .model import LlavaModel, ModelConfig, config_to_dict, quantize_language_model
+from .units import DTYPE_NAMES
 
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 
 
 # --- loading -----------------------------------------------------------------------------------------------

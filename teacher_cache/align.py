@@ -1,4 +1,4 @@
-"""Token alignment between two tokenizations of the same assistant text (design.md, "Text alignment").
+"""Token alignment between two tokenizations of the same assistant text (docs/architecture.md, "Data flow").
 
 Both prompts are built from the same turns, so each side knows the character span of every assistant turn's content.
 A student token and a teacher token are paired when both end at the same character inside the same assistant span:

@@ -26,15 +26,15 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from bonsai_mlx.atomic import atomic_file
-from bonsai_mlx.data import file_sha256, read_records
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.hub import resolve
 from bonsai_mlx.processing import load_image, to_rgb
 from bonsai_mlx.prompting import RecordError, encode_example, parse_turns
+from bonsai_mlx.train.data import file_sha256, read_records
 
 from . import FORMAT_VERSION, PROMPT_TEMPLATE_VERSION
 from .align import align
-from .format import sha256_file, write_json_atomic, write_shard
+from .format import CacheReader, sha256_file, write_json_atomic, write_shard
 from .prompt import vicuna_text
 
 
@@ -346,7 +346,7 @@ def finalize(out: Path, identity: dict, world: int, stats_tokens: int, log=print
     """Merge the ranks' indices, compute per-channel stats, write the manifest, then index.json (last)."""
     from collections import Counter
 
-    from safetensors.numpy import load_file, save_file
+    from safetensors.numpy import save_file
 
     states = [RankState(**json.loads((out / f"index.rank{r}.json").read_text())) for r in range(world)
               if (out / f"index.rank{r}.json").exists()]
@@ -363,29 +363,19 @@ def finalize(out: Path, identity: dict, world: int, stats_tokens: int, log=print
     order = sorted(index, key=int)
     acc: Dict[str, list] = {}
     n_text = 0
-    cache: Dict[str, dict] = {}
+    reader = CacheReader(out, index=index, manifest=identity)
     for si in order:
         if n_text >= stats_tokens:
             break
-        name, row = index[si]
-        if name not in cache:
-            cache.clear()
-            cache[name] = load_file(str(out / name))
-        sh = cache[name]
-        a, b = sh["text_offsets"][row], sh["text_offsets"][row + 1]
-        for k in identity["layers"]:
-            x = _dq(sh, f"text.L{k}", f"text_scale.L{k}", slice(a, b)).astype(np.float64)
-            m = acc.setdefault(f"L{k}", [0, np.zeros(x.shape[1]), np.zeros(x.shape[1])])
-            m[0] += len(x)
-            m[1] += x.sum(0)
-            m[2] += (x * x).sum(0)
-        for k in identity["image_layers"]:
-            x = _dq(sh, f"image.L{k}", f"image_scale.L{k}", row).astype(np.float64)
-            m = acc.setdefault(f"image.L{k}", [0, np.zeros(x.shape[1]), np.zeros(x.shape[1])])
-            m[0] += len(x)
-            m[1] += x.sum(0)
-            m[2] += (x * x).sum(0)
-        n_text += int(b - a)
+        sample = reader.get(si)
+        for prefix, states in (("", sample["text"]), ("image.", sample["image"])):
+            for k, x in states.items():
+                x = x.astype(np.float64)
+                m = acc.setdefault(f"{prefix}L{k}", [0, np.zeros(x.shape[1]), np.zeros(x.shape[1])])
+                m[0] += len(x)
+                m[1] += x.sum(0)
+                m[2] += (x * x).sum(0)
+        n_text += len(sample["positions"])
     stats = {}
     for key, (n, s1, s2) in acc.items():
         mean = s1 / max(n, 1)
@@ -411,13 +401,6 @@ def finalize(out: Path, identity: dict, world: int, stats_tokens: int, log=print
     write_json_atomic(out / "index.json", {k: index[k] for k in order})
     log(f"cache {out}: {len(index)} samples in {len(shards)} shards, coverage {manifest['coverage']:.3f}, "
         f"failed {manifest['failed']}")
-
-
-def _dq(sh, name, scale_name, sl):
-    x = sh[name][sl]
-    if x.dtype == np.int8:
-        return x.astype(np.float32) * sh[scale_name][sl][..., None]
-    return x.astype(np.float32)
 
 
 def _revision(tdir: Path) -> Optional[str]:

@@ -45,7 +45,7 @@ def cli():
 def plan(data, layers, limit, image_states, image_layers, dtype, student_tokenizer, teacher, hidden_size, image_grid,
          shard_size):
     """Print records, expected tokens, bytes per sample and total bytes of a build, before anything is built."""
-    from bonsai_mlx.export import parse_size
+    from bonsai_mlx.units import parse_size
 
     from .planning import estimate
 
@@ -96,7 +96,7 @@ def build(teacher, student_tokenizer, data, image_root, out, layers, image_state
     """Run the teacher and write the cache. Under `torchrun --nproc-per-node N`, rank r takes records r::N."""
     import torch
 
-    from bonsai_mlx.export import parse_size
+    from bonsai_mlx.units import parse_size
 
     from .build import BuildConfig
     from .build import build as run_build

@@ -1,4 +1,4 @@
-"""The teacher-cache format (design.md): shards, stats, index, manifest. Framework-free (NumPy + safetensors), so
+"""The teacher-cache format (docs/architecture.md, README "Distill"): shards, stats, index, manifest. Framework-free (NumPy + safetensors), so
 both the PyTorch builder and the MLX reader use it.
 
 CACHE_DIR/
@@ -21,7 +21,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from bonsai_mlx.atomic import atomic_file, write_json  # framework-free
-from bonsai_mlx.data import file_sha256 as sha256_file  # noqa: E402  (framework-free)
+from bonsai_mlx.train.data import file_sha256 as sha256_file  # noqa: E402  (framework-free)
 
 
 def quantize_rows(x: np.ndarray):
@@ -76,41 +76,58 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 class CacheReader:
-    """Random access to a finished cache by sample index, with NumPy. Shards are loaded one at a time (LRU of 1)."""
+    """Random access to a teacher cache by sample index, with NumPy — the one reader of the format (the student's
+    trainer, `verify`, the build's statistics and the tests all use it).
 
-    def __init__(self, cache_dir):
+    Shards are memory-mapped and sliced (`safetensors.safe_open`): a sample costs its own bytes, not its (up to 2 GB)
+    shard's. `index` defaults to the finished cache's index.json; the build passes its merged index before writing it.
+    """
+
+    def __init__(self, cache_dir, index: Optional[dict] = None, manifest: Optional[dict] = None):
         self.dir = Path(cache_dir)
-        self.manifest = read_manifest(self.dir)
-        self.index = {int(k): tuple(v) for k, v in json.loads((self.dir / "index.json").read_text()).items()}
-        self._shard_name: Optional[str] = None
-        self._shard: Optional[dict] = None
+        self.manifest = manifest if manifest is not None else read_manifest(self.dir)
+        if index is None:
+            index = json.loads((self.dir / "index.json").read_text())
+        self.index = {int(k): tuple(v) for k, v in index.items()}
+        self._handles: Dict[str, object] = {}
 
     def __contains__(self, sample_index: int) -> bool:
         return int(sample_index) in self.index
 
-    def _load(self, name: str) -> dict:
-        if name != self._shard_name:
-            self._shard, self._shard_name = load_file(str(self.dir / name)), name
-        return self._shard
+    def _open(self, name: str):
+        if name not in self._handles:
+            from safetensors import safe_open
 
-    def get(self, sample_index: int, dequantize: bool = True) -> dict:
-        """{"positions" [K] int32, "text": {layer: [K, D]}, "image": {layer: [G², D]}} as float32."""
+            self._handles[name] = safe_open(str(self.dir / name), framework="numpy")
+        return self._handles[name]
+
+    def get(self, sample_index: int, text_layers: Optional[List[int]] = None,
+            image_layers: Optional[List[int]] = None) -> dict:
+        """{"positions" [K] int64, "text": {layer: [K, D]}, "image": {layer: [G², D]}} as float32 (int8 storage
+        dequantized with its per-row scales), for the given layers (default: all the manifest lists). A sample
+        without an image row (a text-only record) has no "image" entries."""
+        text_layers = self.manifest["layers"] if text_layers is None else text_layers
+        image_layers = self.manifest.get("image_layers", []) if image_layers is None else image_layers
         name, row = self.index[int(sample_index)]
-        sh = self._load(name)
-        a, b = sh["text_offsets"][row], sh["text_offsets"][row + 1]
-        out = {"positions": sh["text_positions"][a:b], "text": {}, "image": {}}
-        for k in self.manifest["layers"]:
-            x = sh[f"text.L{k}"][a:b]
-            out["text"][k] = dequantize_rows(x, sh[f"text_scale.L{k}"][a:b]) if x.dtype == np.int8 else x.astype(
-                np.float32)
-        for k in self.manifest.get("image_layers", []):
-            x = sh[f"image.L{k}"][row]
-            out["image"][k] = dequantize_rows(x, sh[f"image_scale.L{k}"][row]) if x.dtype == np.int8 else x.astype(
-                np.float32)
+        f = self._open(name)
+        keys = set(f.keys())
+        a, b = (int(x) for x in f.get_slice("text_offsets")[row : row + 2])
+        out = {"positions": f.get_slice("text_positions")[a:b].astype(np.int64), "text": {}, "image": {}}
+        for k in text_layers:
+            out["text"][k] = _rows(f, keys, f"text.L{k}", f"text_scale.L{k}", slice(a, b))
+        for k in image_layers:
+            out["image"][k] = _rows(f, keys, f"image.L{k}", f"image_scale.L{k}", slice(row, row + 1))[0]
         return out
 
-    def stats(self) -> Dict[str, np.ndarray]:
+    def read_stats(self) -> Dict[str, np.ndarray]:
         return load_file(str(self.dir / "stats.safetensors"))
+
+
+def _rows(f, keys, name: str, scale_name: str, sl: slice) -> np.ndarray:
+    x = f.get_slice(name)[sl]
+    if scale_name in keys:  # int8 storage with a per-row scale
+        return dequantize_rows(x, f.get_slice(scale_name)[sl])
+    return x.astype(np.float32)
 
 
 def verify(cache_dir) -> List[str]:

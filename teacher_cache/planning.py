@@ -9,9 +9,9 @@ from __future__ import annotations
 import math
 from typing import List, Optional
 
-from bonsai_mlx.data import read_records
 from bonsai_mlx.hub import resolve
 from bonsai_mlx.prompting import RecordError, parse_turns
+from bonsai_mlx.train.data import read_records
 
 
 def estimate(data, layers: List[int], limit: Optional[int], image_states: bool, image_layers: Optional[List[int]],

@@ -180,3 +180,67 @@ def test_decode_gemv_equals_matmul_and_only_applies_inside_decoding():
     lin.__class__ = decode.CPULinear
     with decode.decoding():
         assert float(mx.abs(lin(x) - (x @ W.T + b)).max()) <= 1e-5
+
+
+def _real_size_model(quantize=None):
+    """The real student's architecture (SigLIP-B/16-224 + Qwen2.5-0.5B) with lazy random weights (never evaluated)."""
+    from bonsai_mlx.model import LlavaModel, ModelConfig, quantize_language_model
+
+    vision = {"model_type": "siglip_vision_model", "hidden_size": 768, "intermediate_size": 3072,
+              "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 224, "patch_size": 16,
+              "hidden_act": "gelu_pytorch_tanh"}
+    text = {"model_type": "qwen2", "hidden_size": 896, "intermediate_size": 4864, "num_hidden_layers": 24,
+            "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6, "tie_word_embeddings": True, "max_position_embeddings": 32768}
+    m = LlavaModel(ModelConfig.from_dict({"model_type": "llava", "vision_config": vision, "text_config": text,
+                                          "image_token_index": 151665, "vision_feature_layer": -1,
+                                          "vision_feature_select_strategy": "full"}))
+    if quantize:
+        quantize_language_model(m, bits=quantize)
+    return m
+
+
+def _classes(model):
+    return {name: type(m) for name, m in model.named_modules()}
+
+
+def test_accelerate_is_the_one_swap_and_lists_it_on_the_real_size_config(monkeypatch):
+    from pathlib import Path
+
+    from bonsai_mlx.cpu import accelerate
+
+    monkeypatch.delenv("BONSAI_CPU_POLICY", raising=False)
+    m = _real_size_model()
+    before = _classes(m)
+    report = accelerate(m)
+    assert report.enabled and not report.upcast and report.cache_limit >= 1 << 30
+    assert report.swapped == {
+        "Attention → CPUAttention": 24, "MLP → CPUSwiGLUMLP": 24,  # mlx-lm's Qwen2 blocks
+        "Linear → CPULinear": 24 * 7, "Embedding → CPUTiedHead": 1,  # q k v o gate up down; the tied head
+        "Attention → CPUVisionAttention": 12, "MLP → CPUVisionMLP": 12,  # the SigLIP tower
+    }, report.swapped
+    after = _classes(m)
+    changed = {k for k in before if before[k] is not after[k]}
+    assert len(changed) == sum(report.swapped.values())
+    assert all(issubclass(after[k], before[k]) for k in changed)  # stand-ins are the original classes too
+    assert accelerate(m).swapped == {}  # idempotent
+    q = _real_size_model(quantize=4)
+    assert accelerate(q).swapped == {
+        "Attention → CPUAttention": 24, "MLP → CPUSwiGLUMLP": 24, "QuantizedLinear → CPUQuantizedLinear": 24 * 7,
+        "QuantizedEmbedding → CPUQuantizedEmbedding": 1, "Attention → CPUVisionAttention": 12,
+        "MLP → CPUVisionMLP": 12,
+    }
+
+    monkeypatch.setenv("BONSAI_CPU_POLICY", "off")
+    m = _real_size_model()
+    m.set_dtype(mx.bfloat16)
+    before = _classes(m)
+    report = accelerate(m)
+    assert not report.enabled and report.swapped == {} and not report.upcast
+    assert _classes(m) == before and m.language_model.model.norm.weight.dtype == mx.bfloat16
+
+    # nothing else in the package swaps a module's class
+    root = Path(__file__).resolve().parents[1] / "bonsai_mlx"
+    swaps = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py") for i, line in
+             enumerate(p.read_text().splitlines(), 1) if "__class__ =" in line and "sys.modules" not in line]
+    assert swaps and all(s.startswith("cpu/policy.py:") for s in swaps), swaps

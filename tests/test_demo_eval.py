@@ -10,7 +10,7 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from bonsai_mlx.evaluate import pope_metrics, yes_no_ids
+from bonsai_mlx.evaluate.pope import pope_metrics, yes_no_ids
 
 
 def cli(*args):
@@ -86,8 +86,8 @@ def test_eval_loss_is_the_training_loss(demo, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(res_path.read_text())
     import bonsai_mlx
-    from bonsai_mlx.data import SFTDataset, read_records
-    from bonsai_mlx.trainer import evaluate_loss
+    from bonsai_mlx.train.data import SFTDataset, read_records
+    from bonsai_mlx.train.trainer import evaluate_loss
 
     model, processor = bonsai_mlx.load(out / "pico-vision", adapter=out / "run" / "checkpoint")
     tok = processor.tokenizer._tokenizer

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -27,9 +28,13 @@ def world(tmp_path_factory, tokenizer):
     return root, student, data, cache
 
 
-def train(*args, ranks=1, env=None):
+KILL = Path(__file__).with_name("kill_after.py")  # runs the CLI, SIGKILLed after a given optimizer step
+
+
+def train(*args, ranks=1, env=None, kill_after=None):
     e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    cmd = [sys.executable, "-m", "bonsai_mlx.cli", "train", *args]
+    head = [str(KILL), str(kill_after)] if kill_after else ["-m", "bonsai_mlx.cli"]
+    cmd = [sys.executable, *head, "train", *args]
     if ranks > 1:
         port = str(random.randint(20000, 40000))
         launch = "from mlx._distributed_utils.launch import main; main()"  # what the `mlx.launch` script runs
@@ -83,7 +88,7 @@ def test_killed_two_rank_run_resumes_in_one_process(world, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "run"
     assert train(*common(world), "--batch-size", "4", "--out", str(ref)).returncode == 0
     r = train(*common(world), "--batch-size", "2", "--save-every", "6", "--out", str(run), ranks=2,
-              env={"BONSAI_KILL_AFTER_STEP": "9"})
+              kill_after=9)
     assert "exited with code -9" in r.stderr  # both ranks were killed (mlx.launch itself exits 0)
     st = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
     assert st["global_batch"] == 4 and st["step"] == 6 and len(metrics(run)) == 9

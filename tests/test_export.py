@@ -16,7 +16,8 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 from bonsai_mlx.generate import generate
 from bonsai_mlx.io import load, load_model
 from bonsai_mlx.prompting import render_chat, user_message
-from bonsai_mlx.trainer import TrainConfig, Trainer
+from bonsai_mlx.train.config import TrainConfig
+from bonsai_mlx.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")

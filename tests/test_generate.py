@@ -244,3 +244,47 @@ def test_python_api_in_the_style_of_mlx_lm(student):
     a = bonsai_mlx.generate(model, processor, "Describe it.", max_tokens=5)
     b = gen_module.generate(model, processor, "Describe it.", max_tokens=5)
     assert a.token_ids == b.token_ids and len(a.token_ids) == 5 and isinstance(a.text, str)
+
+
+def test_eval_vqa_and_generate_give_the_same_ids_through_one_engine(student, tmp_path, monkeypatch):
+    """`eval --task vqa` answers with the engine `generate` uses: for a one-question record its ids are
+    `bonsai-mlx generate`'s for the same image and question; a multi-turn record's later question is the engine's
+    answer to the chat history (the chat template), and every answer went through `generate_tokens`."""
+    import bonsai_mlx.generate as engine
+    from bonsai_mlx.evaluate.vqa import Evaluator, eval_vqa
+
+    d, _ = student
+    pa, pb = _pictures(tmp_path)
+    records = [
+        {"id": "one", "image": "a.png", "conversations": [{"from": "human", "value": "<image>\nWhat colour?"},
+                                                           {"from": "gpt", "value": "blue"}]},
+        {"id": "two", "image": "b.png", "conversations": [{"from": "human", "value": "Describe it.\n<image>"},
+                                                           {"from": "gpt", "value": "a square"},
+                                                           {"from": "human", "value": "Which colour?"},
+                                                           {"from": "gpt", "value": "yellow"}]},
+    ]
+    data = tmp_path / "vqa.json"
+    data.write_text(json.dumps(records))
+    r = _cli("eval", "--model", str(d), "--task", "vqa", "--data", str(data), "--image-root", str(tmp_path),
+             "--max-tokens", "6", "--out", str(tmp_path / "res.json"))
+    assert r.returncode == 0, r.stderr
+    preds = json.loads((tmp_path / "res.json").read_text())["predictions"]
+    assert [(p["id"], p["turn"]) for p in preds] == [("one", 0), ("two", 0), ("two", 1)]
+    g = _cli("generate", "--model", str(d), "--image", str(pa), "--prompt", "What colour?", "--max-tokens", "6",
+             "--json")
+    assert g.returncode == 0, g.stderr
+    assert preds[0]["token_ids"] == json.loads(g.stdout)["token_ids"] and preds[0]["token_ids"]
+    g = _cli("generate", "--model", str(d), "--image", str(pb), "--prompt", "Describe it.", "--max-tokens", "6",
+             "--json")
+    assert preds[1]["token_ids"] == json.loads(g.stdout)["token_ids"]  # `<image>` after the text: moved first
+
+    model, processor = load(d)
+    calls = []
+    real = engine.generate_tokens
+    monkeypatch.setattr(engine, "generate_tokens", lambda *a, **k: calls.append(1) or real(*a, **k))
+    res = eval_vqa(Evaluator(model, processor, tmp_path), records, max_tokens=6, progress=False)
+    assert len(calls) == 3 and [p["token_ids"] for p in res["predictions"]] == [p["token_ids"] for p in preds]
+    history = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+               {"role": "assistant", "content": "a square"}, {"role": "user", "content": "Which colour?"}]
+    want = generate(model, processor, messages=history, image=str(pb), max_tokens=6)
+    assert preds[2]["token_ids"] == want.token_ids

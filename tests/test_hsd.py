@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -13,13 +14,17 @@ import pytest
 from conftest import build_llava, build_teacher, make_shapes_data, train_llama_tokenizer
 from mlx.utils import tree_flatten
 
-from bonsai_mlx.distill import AlignProjectors, TargetBuilder, distill_terms
-from bonsai_mlx.trainer import TrainConfig, Trainer
+from bonsai_mlx.train.config import TrainConfig
+from bonsai_mlx.train.distill import AlignProjectors, TargetBuilder, distill_terms
+from bonsai_mlx.train.trainer import Trainer
+
+KILL = Path(__file__).with_name("kill_after.py")  # runs the CLI, SIGKILLed after a given optimizer step
 
 
-def cli(*args, env=None, module="bonsai_mlx.cli"):
+def cli(*args, env=None, module="bonsai_mlx.cli", kill_after=None):
     e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=e, timeout=600)
+    head = [str(KILL), str(kill_after)] if kill_after else ["-m", module]
+    return subprocess.run([sys.executable, *head, *args], capture_output=True, text=True, env=e, timeout=600)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +181,7 @@ def test_hsd_resume_after_kill_is_exact(world, tmp_path):
               "--save-every", "30", "--seed", "4"]
     a, b = tmp_path / "a", tmp_path / "b"
     assert cli(*common, "--out", str(a)).returncode == 0
-    r = cli(*common, "--out", str(b), env={"BONSAI_KILL_AFTER_STEP": "45"})
+    r = cli(*common, "--out", str(b), kill_after=45)
     assert r.returncode == -9
     r = cli("train", "--out", str(b), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]

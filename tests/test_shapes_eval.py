@@ -8,7 +8,9 @@ from collections import Counter, defaultdict
 import pytest
 from PIL import Image
 
-from bonsai_mlx.evaluate import build_pope, normalize_answer, pope_metrics, vqa_items, wilson
+from bonsai_mlx.evaluate.pope import build_pope, pope_metrics
+from bonsai_mlx.evaluate.stats import normalize_answer, wilson
+from bonsai_mlx.evaluate.vqa import vqa_items
 from bonsai_mlx.shapes import CHANCE, COLOURS, QUESTION_TYPES, SHAPES, build_shapes
 
 

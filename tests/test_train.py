@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
@@ -13,7 +14,8 @@ from mlx.utils import tree_flatten
 from PIL import Image
 
 from bonsai_mlx.errors import BonsaiError
-from bonsai_mlx.trainer import TrainConfig, Trainer
+from bonsai_mlx.train.config import TrainConfig
+from bonsai_mlx.train.trainer import Trainer
 
 
 @pytest.fixture(scope="module")
@@ -24,10 +26,13 @@ def setup(tmp_path_factory, tokenizer):
     return root, student, data
 
 
-def cli(*args, env=None):
+KILL = Path(__file__).with_name("kill_after.py")  # runs the CLI, SIGKILLed after a given optimizer step
+
+
+def cli(*args, env=None, kill_after=None):
     e = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
-    return subprocess.run([sys.executable, "-m", "bonsai_mlx.cli", *args], capture_output=True, text=True, env=e,
-                          timeout=600)
+    head = [str(KILL), str(kill_after)] if kill_after else ["-m", "bonsai_mlx.cli"]
+    return subprocess.run([sys.executable, *head, *args], capture_output=True, text=True, env=e, timeout=600)
 
 
 def metrics(run):
@@ -47,7 +52,7 @@ def test_sft_learns_and_resumes_exactly_after_kill(setup):
     start, end = ma[0]["loss"], np.mean([m["loss"] for m in ma[-10:]])
     assert end < 0.5 * start, (start, end)
 
-    r = cli(*common, "--out", str(b), env={"BONSAI_KILL_AFTER_STEP": "130"})
+    r = cli(*common, "--out", str(b), kill_after=130)
     assert r.returncode == -9  # SIGKILL: no clean shutdown
     assert json.loads((b / "checkpoint" / "trainer_state.json").read_text())["step"] == 100
     assert len(metrics(b)) == 130
@@ -288,7 +293,7 @@ def test_train_vision_and_full_lm(setup, tmp_path):
             "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--lr-projector", "1e-2", "--warmup", "0",
             "--quantize", "none", "--train-lm", "full", "--train-vision", "--lora-dropout", "0", "--seed", "2",
             "--save-every", "2", "--out", str(tmp_path / "killed")]
-    r = cli(*args, env={"BONSAI_KILL_AFTER_STEP": "3"})
+    r = cli(*args, kill_after=3)
     assert r.returncode == -9
     r = cli("train", "--out", str(tmp_path / "killed"), "--resume")
     assert r.returncode == 0, r.stderr[-2000:]

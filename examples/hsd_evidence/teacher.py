@@ -39,7 +39,7 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from bonsai_mlx.evaluate import normalize_answer, proportion
+from bonsai_mlx.evaluate.stats import normalize_answer, proportion
 from bonsai_mlx.processing import load_image
 from bonsai_mlx.prompting import parse_turns
 from teacher_cache.build import frame_image

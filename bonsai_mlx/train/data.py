@@ -22,9 +22,9 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 from PIL import Image
 
-from .errors import BonsaiError
-from .processing import ImageProcessor
-from .prompting import RecordError, encode_example
+from ..errors import BonsaiError
+from ..processing import ImageProcessor
+from ..prompting import RecordError, encode_example
 
 
 def read_records(path) -> list:
@@ -103,6 +103,16 @@ class SFTDataset:
             raise BonsaiError(f"{self.source}: record {rid}: {msg} (--strict; drop --strict to skip bad records)")
         self.skipped[reason] += 1
         self.first_skip.setdefault(reason, f"record {rid}: {msg}")
+
+    def keep_only(self, keep, reason: str, msg: str) -> None:
+        """Drop the samples for which `keep(sample)` is false, counting each as a skip of `reason`."""
+        kept = []
+        for smp in self.samples:
+            if keep(smp):
+                kept.append(smp)
+            else:
+                self._skip(reason, smp.record_id, msg)
+        self.samples = kept
 
     def report(self) -> str:
         total = len(self.samples) + sum(self.skipped.values())

@@ -2,7 +2,7 @@
 
 `masked_ce`: next-token cross-entropy summed over supervised target positions (the label mask of
 `prompting.encode_example`), returned with the count so gradient accumulation can take the mean over the supervised
-tokens of the whole accumulated batch (design.md), not a mean of per-micro-batch means.
+tokens of the whole accumulated batch (README "Train"), not a mean of per-micro-batch means.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Hidden-state distillation (phase `hsd`): the teacher cache on the MLX side, alignment projectors, targets.
 
-The cache (design.md; written by `python -m teacher_cache build`) is read with `safetensors.numpy` — no torch —
+The cache (teacher_cache/format.py; written by `python -m teacher_cache build`) is read with `safetensors.numpy` — no torch —
 in the data loader's background thread. Targets are standardized per channel with the cache's mean/std (LLaMA
 hidden states have massive outlier channels; raw MSE would be dominated by them):
 
@@ -11,7 +11,6 @@ hidden states have massive outlier channels; raw MSE would be dominated by them)
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -19,26 +18,24 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
-from .errors import BonsaiError
+from teacher_cache.format import CacheReader  # framework-free (NumPy + safetensors)
+
+from ..errors import BonsaiError
 
 PAD_MULTIPLE = 64  # pad the number of aligned pairs per batch: fewer distinct shapes → fewer recompiles
 
 
-class TeacherCache:
-    """Read-only view of a finished teacher cache, by sample index (NumPy; thread-safe enough for one reader)."""
+class TeacherCache(CacheReader):
+    """The finished teacher cache as the trainer reads it: `teacher_cache.format.CacheReader` (the one reader of the
+    format), plus the run checks and the standardization statistics."""
 
     def __init__(self, cache_dir):
-        self.dir = Path(cache_dir)
         for f in ("manifest.json", "index.json", "stats.safetensors"):
-            if not (self.dir / f).exists():
+            if not (Path(cache_dir) / f).exists():
                 raise BonsaiError(f"--teacher-cache {cache_dir}: no {f} (build it with `python -m teacher_cache build` "
                                   "and check it with `python -m teacher_cache verify`)")
-        from safetensors.numpy import load_file
-
-        self.manifest = json.loads((self.dir / "manifest.json").read_text())
-        self.index = {int(k): tuple(v) for k, v in json.loads((self.dir / "index.json").read_text()).items()}
-        self.stats = load_file(str(self.dir / "stats.safetensors"))
-        self._handles: Dict[str, object] = {}
+        super().__init__(cache_dir)
+        self.stats = self.read_stats()
 
     @property
     def layers(self) -> List[int]:
@@ -65,33 +62,6 @@ class TeacherCache:
             if want is not None and got.get(field) != want:
                 raise BonsaiError(f"teacher cache {self.dir} does not match this run: {field} is {got.get(field)!r} in "
                                   f"the manifest, {want!r} here; rebuild the cache for this student and data")
-
-    def _open(self, name: str):
-        # Memory-mapped, sliced reads: a sample costs its own bytes, not its (up to 2 GB) shard's.
-        if name not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[name] = safe_open(str(self.dir / name), framework="numpy")
-        return self._handles[name]
-
-    def get(self, sample_index: int, text_layers, image_layers) -> dict:
-        name, row = self.index[sample_index]
-        f = self._open(name)
-        a, b = (int(x) for x in f.get_slice("text_offsets")[row : row + 2])
-        out = {"positions": f.get_slice("text_positions")[a:b].astype(np.int64), "text": {}, "image": {}}
-        keys = set(f.keys())
-        for k in text_layers:
-            out["text"][k] = _dq(f, keys, f"text.L{k}", f"text_scale.L{k}", slice(a, b))
-        for k in image_layers:
-            out["image"][k] = _dq(f, keys, f"image.L{k}", f"image_scale.L{k}", slice(row, row + 1))[0]
-        return out
-
-
-def _dq(f, keys, name, scale_name, sl) -> np.ndarray:
-    x = f.get_slice(name)[sl]
-    if scale_name in keys:  # int8 storage with a per-row scale
-        return x.astype(np.float32) * f.get_slice(scale_name)[sl][..., None]
-    return x.astype(np.float32)
 
 
 def parse_pairs(spec: Optional[str]) -> Optional[List[Tuple[int, int]]]:

@@ -16,32 +16,19 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Optional, Union
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from .assemble import write_processor_files
-from .atomic import atomic_dir
-from .errors import BonsaiError
-from .hub import resolve
-from .io import DTYPES, save_weights
-from .model import config_to_dict
-
-_TORCH_DTYPE = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
-
-
-def parse_size(s: Union[str, int]) -> int:
-    if isinstance(s, int):
-        return s
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?B?)\s*", s.upper())
-    if not m:
-        raise BonsaiError(f"--shard-size {s!r}: use a size like 2GB or 500MB")
-    mult = {"": 1, "B": 1, "K": 1 << 10, "KB": 1 << 10, "M": 1 << 20, "MB": 1 << 20, "G": 1 << 30, "GB": 1 << 30,
-            "T": 1 << 40, "TB": 1 << 40}[m.group(2)]
-    return int(float(m.group(1)) * mult)
+from ..assemble import write_processor_files
+from ..atomic import atomic_dir
+from ..errors import BonsaiError
+from ..hub import resolve
+from ..io import DTYPES, save_weights
+from ..model import config_to_dict
+from ..units import parse_size
 
 
 def peft_state(model, lora_cfg: dict) -> tuple:
@@ -90,9 +77,9 @@ def export(model_path: str, out: Union[str, Path], adapter: Optional[str] = None
            shard_size: Union[str, int] = "2GB", peft: bool = False, force: bool = False) -> Path:
     from transformers import AutoTokenizer
 
-    from .adapters import fuse_lora
-    from .io import load
-    from .processing import ImageProcessor
+    from ..adapters import fuse_lora
+    from ..io import load
+    from ..processing import ImageProcessor
 
     if dtype not in DTYPES:
         raise BonsaiError(f"--dtype must be one of {sorted(DTYPES)}")
@@ -117,8 +104,8 @@ def export(model_path: str, out: Union[str, Path], adapter: Optional[str] = None
     cfg["vision_config"] = {**cfg.get("vision_config", {}), "vision_use_head": False}
     cfg["text_config"] = {**cfg["text_config"], "rope_theta": model.config.text_config["rope_theta"]}
     cfg["projector_hidden_act"] = model.config.projector_hidden_act
-    cfg["dtype"] = _TORCH_DTYPE[dtype]
-    cfg["text_config"]["dtype"] = _TORCH_DTYPE[dtype]
+    cfg["dtype"] = dtype  # torch dtype names are ours
+    cfg["text_config"]["dtype"] = dtype
 
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     if tokenizer.convert_tokens_to_ids("<image>") != model.config.image_token_index:

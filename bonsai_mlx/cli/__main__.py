@@ -1,0 +1,5 @@
+"""`python -m bonsai_mlx.cli …` = `bonsai-mlx …`."""
+
+from . import main
+
+main()
