@@ -1,5 +1,5 @@
-"""CPU inference, all in one run: bonsai-mlx (default policy), bonsai-mlx with BONSAI_BLAS=none, bonsai-mlx 4-bit,
-and transformers on the `convert/to_hf.py` export of the same weights.
+"""CPU inference, all in one run: bonsai-mlx (default policy), bonsai-mlx with BONSAI_BLAS=none, bonsai-mlx 4-bit and
+8-bit, and transformers on the `convert/to_hf.py` export of the same weights.
 
     python bench/cpu_inference.py [--tokens 64] [--rounds 3] [--skip-noblas]
 
@@ -122,7 +122,8 @@ def main():
     print(f"real-size random student in {tmp}; read bandwidth {bw:.1f} GB/s; {args.tokens} new tokens", flush=True)
 
     configs = {"bonsai-mlx (default policy)": (["b0", str(tmp / "student")], None),
-               "bonsai-mlx --quantize 4": (["b4", str(tmp / "student")], None)}
+               "bonsai-mlx --quantize 4": (["b4", str(tmp / "student")], None),
+               "bonsai-mlx --quantize 8": (["b8", str(tmp / "student")], None)}
     if not args.skip_noblas:
         configs["bonsai-mlx BONSAI_BLAS=none"] = (["b0", str(tmp / "student")], {"BONSAI_BLAS": "none"})
     configs["transformers fp32 (export)"] = (["hf", str(tmp / "hf")], None)
@@ -138,7 +139,8 @@ def main():
     rows = {name: {"ttft_s": statistics.median(r["ttft_s"] for r in rs),
                    "decode_tps": statistics.median(r["decode_tps"] for r in rs),
                    "peak_gb": max(r["peak_gb"] for r in rs)} for name, rs in runs.items()}
-    bytes_per_token = {"bonsai-mlx --quantize 4": LM_PARAMS * 5 / 8}  # 4 bits + float32 scale and bias per 64
+    # bytes of LM weights read per token: 4 (8) bits + a float32 scale and bias per group of 64
+    bytes_per_token = {"bonsai-mlx --quantize 4": LM_PARAMS * 5 / 8, "bonsai-mlx --quantize 8": LM_PARAMS * 9 / 8}
     print()
     print(f"{args.rounds} rounds; medians of TTFT and decode, largest peak")
     print(f"{'':30}{'TTFT s':>9}{'decode tok/s':>14}{'peak GB':>9}{'of ceiling':>12}")
@@ -156,8 +158,16 @@ def main():
           f"{per_round('ttft_s')})")
     print(f"decode bonsai / transformers: {ours['decode_tps'] / hf['decode_tps']:.2f} (target >= 1.0; per round "
           f"{per_round('decode_tps')})")
-    print(f"4-bit peak memory incl. vision: {rows['bonsai-mlx --quantize 4']['peak_gb']:.3f} GB (target <= 0.8); "
-          f"4-bit decode {rows['bonsai-mlx --quantize 4']['decode_tps']:.2f} tok/s")
+    q4, q8 = rows["bonsai-mlx --quantize 4"], rows["bonsai-mlx --quantize 8"]
+    for bits, r in ((4, q4), (8, q8)):
+        ceiling = bw * 1e9 / bytes_per_token[f"bonsai-mlx --quantize {bits}"]
+        print(f"{bits}-bit decode {r['decode_tps']:.2f} tok/s = {r['decode_tps'] / ceiling:.0%} of its bandwidth "
+              f"ceiling ({ceiling:.1f} tok/s at {bw:.1f} GB/s; goal >= 50%, moonshot >= 70%)")
+    print(f"4-bit TTFT / float32 TTFT: {q4['ttft_s'] / ours['ttft_s']:.2f} (target <= 1.0)")
+    print(f"4-bit peak memory incl. vision: {q4['peak_gb']:.3f} GB (target <= 0.8)")
+    from bonsai_mlx.cpu import blas, qmm
+
+    print(f"BLAS: {blas.status}; quantized kernel: {qmm.status()}")
 
 if __name__ == "__main__":
     main()

@@ -14,6 +14,7 @@ import time
 import mlx.core as mx
 
 from .cpu import blas as _blas
+from .cpu import qmm
 
 LM_PARAMS = 494_032_768  # Qwen2.5-0.5B, measured by `bonsai-mlx info`
 
@@ -37,7 +38,16 @@ def measure(size: int = 1024, bandwidth_mb: int = 512) -> dict:
     x = mx.random.normal((64, size))
     mx.eval(wq, scales, biases, x)
     q4 = 2 * 64 * size * size / _best(lambda: mx.eval(mx.quantized_matmul(x, wq, scales, biases, True, 64, 4))) / 1e9
-    return {"gemm_f32_gflops": gemm, "q4_matmul_gflops": q4, "read_bandwidth_gbs": read_bandwidth(bandwidth_mb)}
+    out = {"gemm_f32_gflops": gemm, "q4_matmul_gflops": q4, "read_bandwidth_gbs": read_bandwidth(bandwidth_mb)}
+    if qmm.available() and mx.default_device() == mx.cpu:
+        # the 4-bit product a CPU student runs: bonsai's kernel, one row (decode) and 64 rows
+        x1 = x[:1]
+        mx.eval(x1)
+        t1 = _best(lambda: mx.eval(qmm.quantized_matmul(x1, wq, scales, biases, 64, 4)))
+        out["q4_decode_gbs"] = (wq.nbytes + scales.nbytes + biases.nbytes) / t1 / 1e9
+        out["q4_kernel_gflops"] = 2 * 64 * size * size / _best(
+            lambda: mx.eval(qmm.quantized_matmul(x, wq, scales, biases, 64, 4))) / 1e9
+    return out
 
 
 def read_bandwidth(mb: int = 512) -> float:
@@ -61,6 +71,7 @@ def report() -> dict:
         "device": str(mx.default_device()),
         "platform": f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}",
         "blas": _blas.status,
+        "quantized_kernel": qmm.status(),
         **m,
         "decode_ceiling_f32_tok_s": m["read_bandwidth_gbs"] * 1e9 / (LM_PARAMS * 4),
         "decode_ceiling_4bit_tok_s": m["read_bandwidth_gbs"] * 1e9 / (LM_PARAMS * 4.5 / 8),
@@ -73,7 +84,13 @@ def advice(r: dict) -> list:
     if r["device"].startswith("Device(cpu") and r["gemm_f32_gflops"] < 20:
         out.append(f"GEMM runs at {r['gemm_f32_gflops']:.0f} GFLOP/s: MLX is on its bundled reference BLAS ({r['blas']}). "
                    "Install OpenBLAS (apt install libopenblas0-pthread) — about 50x faster prefill and training.")
-    if r["device"].startswith("Device(cpu") and r["q4_matmul_gflops"] < r["gemm_f32_gflops"] / 4:
+    on_cpu = r["device"].startswith("Device(cpu")
+    if on_cpu and "q4_kernel_gflops" in r:
+        out.append(f"4-bit runs on bonsai's kernel ({r['quantized_kernel']}): decode reads 4-bit weights at "
+                   f"{r['q4_decode_gbs']:.1f} GB/s, 64-row products {r['q4_kernel_gflops']:.0f} GFLOP/s; --quantize 4 "
+                   "is the fast choice for decode on this CPU and takes a quarter of float32's memory.")
+    elif on_cpu and r["q4_matmul_gflops"] < r["gemm_f32_gflops"] / 4:
         out.append(f"4-bit matmuls run at {r['q4_matmul_gflops']:.1f} GFLOP/s against {r['gemm_f32_gflops']:.0f} for "
-                   "float32: on this CPU 4-bit saves memory but costs speed; use --quantize none where memory allows.")
+                   f"float32 ({r['quantized_kernel']}): on this CPU 4-bit saves memory but costs speed; use "
+                   "--quantize none where memory allows, or reinstall bonsai-mlx with a C++ compiler for the kernel.")
     return out

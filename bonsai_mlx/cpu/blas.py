@@ -4,7 +4,10 @@ The Linux `mlx[cpu]` wheel bundles netlib's reference BLAS (f32 GEMM ~3-6 GFLOP/
 optimized BLAS with RTLD_GLOBAL *before* `mlx.core` is first imported makes MLX's BLAS calls resolve to it
 (~150-230 GFLOP/s there, same results within fp tolerance). macOS is untouched (Accelerate / Metal).
 
-`BONSAI_BLAS=/path/to/libopenblas.so.0` picks the library, `BONSAI_BLAS=none` turns this off.
+Which BLAS: PyPI's OpenBLAS (`scipy-openblas32`, a dependency on Linux) through the shim the CPU extension builds
+(csrc/blas_shim.c: MLX calls `cblas_sgemm`, that wheel exports `scipy_cblas_sgemm`), so `pip install` alone gives the
+fast GEMM; else a system OpenBLAS (Debian's libopenblas0-pthread, …). `BONSAI_BLAS=pip` / `system` picks one of the
+two, `BONSAI_BLAS=/path/to/libopenblas.so.0` a library, `BONSAI_BLAS=none` turns this off.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ CANDIDATES = [
 ]
 HINT = (
     "bonsai-mlx: no optimized BLAS found, MLX's CPU matmuls use the slow reference BLAS (~50x slower). "
-    "Install one (Debian/Ubuntu: apt install libopenblas0-pthread; Fedora: dnf install openblas-threads) "
-    "or set BONSAI_BLAS=/path/to/libopenblas.so.0; BONSAI_BLAS=none silences this."
+    "Reinstall bonsai-mlx where a C compiler is available (its BLAS shim loads pip's scipy-openblas32), or install "
+    "one (Debian/Ubuntu: apt install libopenblas0-pthread; Fedora: dnf install openblas-threads), or set "
+    "BONSAI_BLAS=/path/to/libopenblas.so.0; BONSAI_BLAS=none silences this."
 )
+SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libbonsai_blas.so")
 
 loaded = None  # path of the library loaded, or None
 status = "not attempted"
@@ -60,7 +65,13 @@ def maybe_load() -> None:
     if "mlx.core" in sys.modules:
         status = "too late: mlx.core was imported before bonsai_mlx"
         return
-    paths = [choice] if choice else [p.format(arch=_arch()) for p in CANDIDATES]
+    if choice.lower() in ("", "pip") and _load_pip():
+        return
+    if choice.lower() == "pip":
+        print(f"bonsai-mlx: BONSAI_BLAS=pip: {status}; using MLX's bundled reference BLAS", file=sys.stderr)
+        return
+    system = choice.lower() in ("", "system")
+    paths = [p.format(arch=_arch()) for p in CANDIDATES] if system else [choice]
     for p in paths:
         if os.path.exists(p):
             try:
@@ -70,12 +81,35 @@ def maybe_load() -> None:
                 continue
             loaded, status = p, f"loaded {p}"
             return
+    if choice.lower() == "system":
+        choice = "system (no OpenBLAS in " + ", ".join(paths) + ")"
     if choice:
         print(f"bonsai-mlx: BONSAI_BLAS={choice} does not exist; using MLX's bundled reference BLAS", file=sys.stderr)
         status = f"BONSAI_BLAS={choice} not found"
         return
     status = "none found"
     print(HINT, file=sys.stderr)
+
+
+def _load_pip() -> bool:
+    """PyPI's OpenBLAS, then the shim that gives its symbols MLX's names (both RTLD_GLOBAL)."""
+    global loaded, status
+    spec = importlib.util.find_spec("scipy_openblas32")
+    if spec is None or not spec.submodule_search_locations:
+        status = "scipy-openblas32 is not installed"
+        return False
+    lib = os.path.join(list(spec.submodule_search_locations)[0], "lib", "libscipy_openblas.so")
+    if not os.path.exists(SHIM):
+        status = "the BLAS shim was not built (reinstall bonsai-mlx with a C compiler)"
+        return False
+    try:
+        ctypes.CDLL(lib, mode=os.RTLD_GLOBAL)
+        ctypes.CDLL(SHIM, mode=os.RTLD_GLOBAL)
+    except OSError as e:
+        status = f"failed to load scipy-openblas32: {e}"
+        return False
+    loaded, status = SHIM, f"loaded {lib} (scipy-openblas32, pip) through {os.path.basename(SHIM)}"
+    return True
 
 
 def set_threads(n: int) -> bool:

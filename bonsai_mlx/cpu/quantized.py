@@ -1,8 +1,11 @@
-"""Many-row products of MLX-quantized layers on the CPU: a dequantized weight, a slice at a time.
+"""Products of MLX-quantized layers on the CPU.
 
 MLX's CPU `quantized_matmul` is scalar (`python bench/cpu_kernels.py`, 200×896 @ 896×4864: 749 ms vs dequantize +
-float32 GEMM 18.7 ms), so quantized layers keep their 4-bit weights in memory (what `--quantize` promises) but multiply
-many-row inputs (prefill, training) through a transient dequantized slice; single rows (decode) stay on MLX's kernel.
+float32 GEMM 18.7 ms). Quantized layers keep their 4-bit weights in memory (what `--quantize` promises) and
+- with the compiled kernel (qmm.py; `python bench/cpu_qmm.py` times it): every product goes through it — few rows
+  on its vectorized row kernel, many rows on the BLAS over small dequantized tiles;
+- without it: many-row inputs (prefill, training) multiply through a transient dequantized slice (below); single
+  rows (decode) stay on MLX's kernel.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from . import qmm
 from .device import PREFILL_ROWS, on_cpu
 
 # MLX's CPU `dequantize` holds a temporary as large as its output, and the lazy graph is free to dequantize several
@@ -48,25 +52,30 @@ def dequantized_matmul(x, wq, scales, biases, group_size: int, bits: int) -> mx.
     return y
 
 
+def cpu_product(layer, x: mx.array):
+    """x @ W.T of a quantized layer on the CPU's fastest path, or None where MLX's own kernel is the one to run."""
+    mode = getattr(layer, "mode", "affine")
+    if qmm.supports(x, layer.group_size, layer.bits, mode):
+        return qmm.quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)
+    if x.size // x.shape[-1] < PREFILL_ROWS or not on_cpu() or mode != "affine":
+        return None
+    return dequantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)
+
+
 class CPUQuantizedLinear(nn.QuantizedLinear):
-    """A QuantizedLinear whose many-row products go through a dequantized weight on the CPU."""
+    """A QuantizedLinear whose products take `cpu_product` on the CPU."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1]
-        if rows < PREFILL_ROWS or not on_cpu() or getattr(self, "mode", "affine") != "affine":
+        y = cpu_product(self, x)
+        if y is None:
             return super().__call__(x)
-        y = dequantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
-        if "bias" in self:
-            y = y + self["bias"]
-        return y
+        return y + self["bias"] if "bias" in self else y
 
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
-    """The tied LM head (`as_linear`) of a quantized embedding, with the same many-row CPU path."""
+    """The tied LM head (`as_linear`) of a quantized embedding, with the same CPU products."""
 
     def as_linear(self, x: mx.array) -> mx.array:
-        rows = x.size // x.shape[-1]
-        if rows < PREFILL_ROWS or not on_cpu() or getattr(self, "mode", "affine") != "affine":
-            return super().as_linear(x)
-        return dequantized_matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        y = cpu_product(self, x)
+        return super().as_linear(x) if y is None else y
 

@@ -1,0 +1,19 @@
+// Python bindings of the quantized matmul (bonsai_mlx/cpu/qmm.py is the Python side).
+#include <nanobind/nanobind.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/variant.h>
+
+#include "qmm.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+NB_MODULE(_qmm, m) {
+  m.doc() = "bonsai-mlx: vectorized quantized matmul for MLX's affine format on the CPU";
+  m.def("quantized_matmul", &bonsai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "transpose"_a = true,
+        "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
+        "x @ dequantize(w).T (transpose) or x @ dequantize(w), float32, as mx.quantized_matmul computes it.");
+  m.def("kernel_isa", &bonsai::kernel_isa, "The row kernel in use: avx2+fma, neon or portable.");
+  m.def("num_threads", &bonsai::num_threads, "Threads of the kernel's pool.");
+  m.def("set_num_threads", &bonsai::set_num_threads, "n"_a, "Resize the kernel's pool.");
+}

@@ -1,0 +1,201 @@
+// The BonsaiQuantizedMatmul primitive (see qmm.h): graph construction, CPU evaluation, vjp, shapes.
+#include "qmm.h"
+
+#include <cstdlib>
+#include <memory>
+#include <sstream>
+#include <stdexcept>
+#include <vector>
+
+#include "kernels.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "threadpool.h"
+
+extern "C" {
+// Resolved when the extension loads: the BLAS loaded into the process with RTLD_GLOBAL (OpenBLAS, or the pip
+// OpenBLAS through bonsai's shim), else the reference BLAS libmlx.so itself links.
+void cblas_sgemm(int order, int transa, int transb, int m, int n, int k, float alpha, const float* a, int lda,
+                 const float* b, int ldb, float beta, float* c, int ldc);
+}
+
+namespace bonsai {
+
+namespace {
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+// Inputs with fewer rows than this use the row kernels; more go through dequantized tiles and sgemm
+// (`python bench/cpu_qmm.py` measures the crossover).
+int many_rows() {
+  static int v = [] {
+    const char* e = std::getenv("BONSAI_QMM_MANY_ROWS");
+    return e ? std::max(1, std::atoi(e)) : 8;
+  }();
+  return v;
+}
+// float32 elements of weight dequantized per tile (4 MB): small next to a layer, large enough for sgemm
+constexpr int64_t kTileElems = 1 << 20;
+
+int default_threads() {
+  const char* e = std::getenv("BONSAI_QMM_THREADS");
+  if (e && std::atoi(e) > 0) return std::atoi(e);
+  unsigned n = std::thread::hardware_concurrency();
+  return n ? static_cast<int>(n) : 1;
+}
+
+ThreadPool& pool() {
+  static ThreadPool p(default_threads());
+  return p;
+}
+
+RowKernel row_kernel() {
+#if defined(__x86_64__) || defined(_M_X64)
+  static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && !std::getenv("BONSAI_QMM_PORTABLE")) return rows_avx2;
+#endif
+  return rows_portable;
+}
+
+void check_inputs(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                  int group_size, int bits, bool transpose) {
+  if (bits != 4 && bits != 8) throw std::invalid_argument("[bonsai.quantized_matmul] bits must be 4 or 8");
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    throw std::invalid_argument("[bonsai.quantized_matmul] group_size must be 32, 64 or 128");
+  if (w.ndim() != 2 || w.dtype() != mx::uint32 || scales.ndim() != 2 || biases.shape() != scales.shape())
+    throw std::invalid_argument("[bonsai.quantized_matmul] w must be [N, K*bits/32] uint32, scales/biases [N, K/g]");
+  const int N = w.shape(0), K = w.shape(1) * 32 / bits;
+  if (scales.shape(0) != N || scales.shape(1) * group_size != K)
+    throw std::invalid_argument("[bonsai.quantized_matmul] scales/biases do not match w");
+  if (x.ndim() < 1 || x.shape(-1) != (transpose ? K : N)) {
+    std::ostringstream msg;
+    msg << "[bonsai.quantized_matmul] x's last axis is " << (x.ndim() ? x.shape(-1) : 0) << ", expected "
+        << (transpose ? K : N);
+    throw std::invalid_argument(msg.str());
+  }
+}
+}  // namespace
+
+DequantKernel dequant_kernel() {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (row_kernel() == rows_avx2) return dequantize_rows_avx2;
+#endif
+  return dequantize_rows;
+}
+
+std::string kernel_isa() {
+  auto k = row_kernel();
+#if defined(__x86_64__) || defined(_M_X64)
+  if (k == rows_avx2) return "avx2+fma";
+#endif
+  return "portable";
+}
+
+int num_threads() { return pool().size(); }
+void set_num_threads(int n) { pool().resize(n); }
+
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                           bool transpose, int group_size, int bits, mx::StreamOrDevice s) {
+  check_inputs(x, w, scales, biases, group_size, bits, transpose);
+  auto st = mx::to_stream(s);
+  const int N = w.shape(0), K = w.shape(1) * 32 / bits;
+  auto shape = x.shape();
+  shape.back() = transpose ? N : K;
+  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, st), false, st),
+                                   mx::contiguous(w, false, st),
+                                   mx::contiguous(mx::astype(scales, mx::float32, st), false, st),
+                                   mx::contiguous(mx::astype(biases, mx::float32, st), false, st)};
+  return mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(st, group_size, bits, transpose), inputs);
+}
+
+void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& x = inputs[0];
+  const auto& w = inputs[1];
+  const auto& scales = inputs[2];
+  const auto& biases = inputs[3];
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(x);
+  enc.set_input_array(w);
+  enc.set_input_array(scales);
+  enc.set_input_array(biases);
+  enc.set_output_array(out);
+  const int bits = bits_, gs = group_size_;
+  const int N = w.shape(0), K = w.shape(1) * 32 / bits;
+  const int inner = transpose_ ? K : N;
+  const int M = static_cast<int>(x.size() / std::max(inner, 1));
+  enc.dispatch([xp = x.data<float>(), wp = w.data<uint32_t>(), sp = scales.data<float>(), bp = biases.data<float>(),
+                yp = out.data<float>(), M, N, K, gs, bits, transpose = transpose_]() {
+    if (M == 0) return;
+    const int G = K / gs;
+    if (transpose && M < many_rows()) {
+      // few rows: per-group sums of x (and the 4-bit chunk order), then the row kernel over output slices
+      std::vector<float> xsum(static_cast<size_t>(M) * G), xperm;
+      for (int m = 0; m < M; ++m)
+        for (int g = 0; g < G; ++g) {
+          float s = 0.0f;
+          for (int k = g * gs; k < (g + 1) * gs; ++k) s += xp[static_cast<int64_t>(m) * K + k];
+          xsum[static_cast<size_t>(m) * G + g] = s;
+        }
+      if (bits == 4) {
+        xperm.resize(static_cast<size_t>(M) * K);
+        for (int m = 0; m < M; ++m)
+          for (int c = 0; c < K; c += 32)
+            for (int i = 0; i < 16; ++i) {
+              xperm[static_cast<size_t>(m) * K + c + i] = xp[static_cast<int64_t>(m) * K + c + 2 * i];
+              xperm[static_cast<size_t>(m) * K + c + 16 + i] = xp[static_cast<int64_t>(m) * K + c + 2 * i + 1];
+            }
+      }
+      QmmArgs a{xp, bits == 4 ? xperm.data() : xp, xsum.data(), wp, sp, bp, yp, M, N, K, gs, bits};
+      RowKernel kernel = row_kernel();
+      pool().parallel_for(N, [&](int n0, int n1) { kernel(a, n0, n1); });
+      return;
+    }
+    // many rows (or x @ W): dequantize a tile of weight rows at a time and multiply it with the BLAS
+    const int tile = static_cast<int>(std::max<int64_t>(16, std::min<int64_t>(N, kTileElems / K)));
+    std::vector<float> buf(static_cast<size_t>(tile) * K);
+    DequantKernel dequant = dequant_kernel();
+    for (int n0 = 0; n0 < N; n0 += tile) {
+      const int nt = std::min(tile, N - n0);
+      pool().parallel_for(nt, [&](int a, int b) {
+        dequant(wp, sp, bp, K, gs, bits, n0 + a, n0 + b, buf.data() + static_cast<size_t>(a) * K);
+      });
+      if (transpose) {  // y[:, n0:n0+nt] = x [M, K] @ tile [nt, K]^T
+        cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, nt, K, 1.0f, xp, K, buf.data(), K, 0.0f, yp + n0, N);
+      } else {  // y [M, K] += x[:, n0:n0+nt] @ tile [nt, K]
+        cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, M, K, nt, 1.0f, xp + n0, N, buf.data(), K, n0 ? 1.0f : 0.0f, yp,
+                    K);
+      }
+    }
+  });
+}
+
+void QuantizedMatmul::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
+  throw std::runtime_error("[bonsai.quantized_matmul] CPU only: on a GPU use mx.quantized_matmul");
+}
+
+std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primals,
+                                            const std::vector<mx::array>& cotangents,
+                                            const std::vector<int>& argnums, const std::vector<mx::array>&) {
+  std::vector<mx::array> out;
+  for (int arg : argnums) {
+    if (arg != 0)
+      throw std::invalid_argument("[bonsai.quantized_matmul] gradients only for the input (the weights are frozen)");
+    // d/dx of x @ W^T is cot @ W, and of x @ W is cot @ W^T: the same primitive, transposed the other way
+    out.push_back(quantized_matmul(cotangents[0], primals[1], primals[2], primals[3], !transpose_, group_size_, bits_,
+                                   stream()));
+  }
+  return out;
+}
+
+std::vector<mx::Shape> QuantizedMatmul::output_shapes(const std::vector<mx::array>& inputs) {
+  auto shape = inputs[0].shape();
+  const int N = inputs[1].shape(0), K = inputs[1].shape(1) * 32 / bits_;
+  shape.back() = transpose_ ? N : K;
+  return {shape};
+}
+
+bool QuantizedMatmul::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const QuantizedMatmul&>(other);
+  return group_size_ == o.group_size_ && bits_ == o.bits_ && transpose_ == o.transpose_;
+}
+
+}  // namespace bonsai

@@ -1,0 +1,48 @@
+// bonsai-mlx: quantized matmul for MLX's affine format on the CPU (docs/architecture.md, "The CPU path").
+//
+// MLX's own CPU `quantized_matmul` is scalar and single-threaded on Linux (mlx/backend/cpu/quantized.cpp, _qmm_t):
+// this primitive multiplies float32 activations by the same packed weights (uint32 words, element k of a row in
+// bits (k % (32/bits))*bits of word k/(32/bits), low bits first; per-group scale and bias: w = scale*q + bias)
+//   - few rows: a vectorized kernel that reads each weight byte once (AVX2+FMA / NEON / portable C, chosen at
+//     run time), over a small persistent thread pool;
+//   - many rows: tiles of the weight dequantized into a small buffer and multiplied by the BLAS (cblas_sgemm of the
+//     library the process loaded), never a full dequantized copy of the layer.
+#pragma once
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+
+namespace bonsai {
+
+// y = x @ dequantize(w).T (transpose) or x @ dequantize(w) (not transpose), x float32.
+mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
+                           const mx::array& biases, bool transpose, int group_size, int bits,
+                           mx::StreamOrDevice s = {});
+
+class QuantizedMatmul : public mx::Primitive {
+ public:
+  QuantizedMatmul(mx::Stream stream, int group_size, int bits, bool transpose)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits), transpose_(transpose) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  std::vector<mx::array> vjp(const std::vector<mx::array>& primals, const std::vector<mx::array>& cotangents,
+                             const std::vector<int>& argnums, const std::vector<mx::array>& outputs) override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override;
+  const char* name() const override { return "BonsaiQuantizedMatmul"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+
+ private:
+  int group_size_;
+  int bits_;
+  bool transpose_;
+};
+
+// What the kernel runs on this machine: "avx2+fma", "neon" or "portable", and the pool's thread count.
+std::string kernel_isa();
+int num_threads();
+void set_num_threads(int n);
+
+}  // namespace bonsai

@@ -1,0 +1,155 @@
+"""The compiled quantized matmul (csrc/, bonsai_mlx/cpu/qmm.py): MLX's results, gradients and compile behaviour, the
+student's greedy ids unchanged, and everything still working without it (or without a compiler at install)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from conftest import build_llava
+
+from bonsai_mlx.cpu import qmm
+from bonsai_mlx.cpu.quantized import CPUQuantizedLinear
+
+ROOT = Path(__file__).resolve().parents[1]
+# Bound: |kernel - dequantize(w) matmul| ≤ 1e-5 · max|reference| — float32 rounding of a K-term sum in another order
+# (measured ≤ 1.2e-6 here, MLX's own kernel differs from the same reference by as much).
+REL = 1e-5
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the extension is built on Linux only (Metal on macOS)")
+
+
+def test_the_extension_is_built_and_used():
+    assert qmm.available(), qmm.status()  # pip install -e . builds it; a missing build is a failure here, not a skip
+    assert qmm.status().startswith("bonsai ")
+
+
+def _close(got, want):
+    return float(mx.abs(got - want).max()) <= REL * max(float(mx.abs(want).max()), 1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_kernel_equals_mlx(bits, group_size):
+    rng = np.random.default_rng(bits * 1000 + group_size)
+    for rows, n, k in [(1, 301, 384), (2, 77, 640), (3, 130, 896), (7, 64, 384), (8, 33, 640), (9, 301, 384),
+                       (64, 77, 1152), (300, 45, 384)]:  # K not a multiple of 256, odd N, rows on both paths
+        w = mx.array(rng.standard_normal((n, k)).astype(np.float32))
+        wq, s, b = mx.quantize(w, group_size=group_size, bits=bits)
+        x = mx.array(rng.standard_normal((rows, k)).astype(np.float32))
+        want = x @ mx.dequantize(wq, s, b, group_size=group_size, bits=bits).T
+        got = qmm.quantized_matmul(x, wq, s, b, group_size, bits)
+        assert got.shape == (rows, n) and got.dtype == mx.float32
+        assert _close(got, want), (rows, n, k)
+        assert _close(mx.quantized_matmul(x, wq, s, b, group_size=group_size, bits=bits), want)  # the same bound
+        # batched and non-contiguous inputs: a transposed view and a strided slice
+        xb = mx.array(rng.standard_normal((2, k, rows)).astype(np.float32)).swapaxes(1, 2)  # [2, rows, k] view
+        assert _close(qmm.quantized_matmul(xb, wq, s, b, group_size, bits),
+                      xb @ mx.dequantize(wq, s, b, group_size=group_size, bits=bits).T)
+        xs = mx.array(rng.standard_normal((rows, 2 * k)).astype(np.float32))[:, ::2]
+        assert _close(qmm.quantized_matmul(xs, wq, s, b, group_size, bits),
+                      xs @ mx.dequantize(wq, s, b, group_size=group_size, bits=bits).T)
+
+
+def _vjp_and_compile(rng, bits, rows):
+    w = mx.array(rng.standard_normal((96, 320)).astype(np.float32))
+    wq, s, b = mx.quantize(w, group_size=64, bits=bits)
+    x = mx.array(rng.standard_normal((rows, 320)).astype(np.float32))
+    c = mx.array(rng.standard_normal((rows, 96)).astype(np.float32))
+
+    def ours(x):
+        return qmm.quantized_matmul(x, wq, s, b, 64, bits)
+
+    def mlx(x):
+        return mx.quantized_matmul(x, wq, s, b, group_size=64, bits=bits)
+
+    g_ours = mx.grad(lambda x: (ours(x) * c).sum())(x)
+    g_mlx = mx.grad(lambda x: (mlx(x) * c).sum())(x)
+    assert _close(g_ours, g_mlx), (bits, rows)
+    assert _close(mx.compile(ours)(x), mlx(x))
+    assert _close(mx.compile(mx.grad(lambda x: (ours(x) * c).sum()))(x), g_mlx)
+    shapeless = mx.compile(ours, shapeless=True)
+    for r in (rows, rows + 3):  # output_shapes: another row count reuses the trace
+        xr = mx.array(rng.standard_normal((r, 320)).astype(np.float32))
+        assert _close(shapeless(xr), mlx(xr))
+    with pytest.raises(ValueError, match="gradients only for the input"):
+        mx.grad(lambda s_: qmm.quantized_matmul(x, wq, s_, b, 64, bits).sum())(s)
+
+
+def test_vjp_equals_mlx_and_compile_works():
+    rng = np.random.default_rng(7)
+    for bits, rows in [(4, 1), (4, 37), (8, 5), (8, 64)]:
+        _vjp_and_compile(rng, bits, rows)
+
+
+def test_quantized_student_uses_it_and_keeps_its_greedy_ids(tmp_path, tokenizer, monkeypatch):
+    from PIL import Image, ImageDraw
+
+    from bonsai_mlx.generate import generate
+    from bonsai_mlx.io import load
+
+    d, _ = build_llava(tmp_path / "m", tokenizer, seed=3, noise=0.3)
+    img = Image.new("RGB", (64, 48), "white")
+    ImageDraw.Draw(img).ellipse([8, 8, 40, 40], fill="blue")
+    img.save(tmp_path / "a.png")
+    for bits in (4, 8):
+        model, processor = load(d, quantize=bits)
+        assert type(model.language_model.model.layers[0].mlp.down_proj) is CPUQuantizedLinear
+        calls, real = [], qmm.quantized_matmul
+
+        def recording(*a, calls=calls, real=real, **k):
+            calls.append(a[0].shape)
+            return real(*a, **k)
+
+        monkeypatch.setattr(qmm, "quantized_matmul", recording)
+        prompts = [("What colour is the circle?", str(tmp_path / "a.png")), ("Describe it.", None)]
+        with_kernel = [generate(model, processor, p, image=i, max_tokens=12).token_ids for p, i in prompts]
+        assert calls and any(shape[-2] == 1 for shape in calls) and any(shape[-2] > 8 for shape in calls)
+        monkeypatch.setattr(qmm, "supports", lambda *a, **k: False)  # the extension unavailable: MLX's kernels
+        without = [generate(model, processor, p, image=i, max_tokens=12).token_ids for p, i in prompts]
+        monkeypatch.undo()
+        assert with_kernel == without and all(len(t) > 0 for t in with_kernel), (bits, with_kernel, without)
+
+
+def test_everything_runs_with_the_extension_off(tmp_path, tokenizer):
+    """BONSAI_QMM=off (as on a machine where it was not built): 4-bit generate and a 4-bit QLoRA training step run."""
+    d, _ = build_llava(tmp_path / "m", tokenizer)
+    code = (
+        "import bonsai_mlx, sys\n"
+        "from bonsai_mlx.cpu import qmm\n"
+        "assert not qmm.available() and 'BONSAI_QMM=off' in qmm.status(), qmm.status()\n"
+        "from bonsai_mlx.io import load\n"
+        "from bonsai_mlx.generate import generate\n"
+        f"m, p = load({str(d)!r}, quantize=4)\n"
+        "print(len(generate(m, p, 'Say something.', max_tokens=4).token_ids))\n"
+    )
+    env = dict(os.environ, BONSAI_QMM="off", HF_HUB_OFFLINE="1")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().splitlines()[-1] == "4", r.stderr[-2000:]
+    import json
+
+    data = tmp_path / "d.json"
+    (tmp_path / "i.png").write_bytes((ROOT / "docs" / "hsd_evidence.png").read_bytes())
+    data.write_text(json.dumps([{"id": "0", "image": "i.png", "conversations": [
+        {"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "a plot"}]}]))
+    r = subprocess.run([sys.executable, "-m", "bonsai_mlx.cli", "train", "--model", str(d), "--data", str(data),
+                        "--image-root", str(tmp_path), "--out", str(tmp_path / "run"), "--max-steps", "1",
+                        "--batch-size", "1", "--quantize", "4"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_install_without_a_compiler_still_succeeds(tmp_path):
+    """setup.py's build_ext with no C++ compiler on PATH: exit 0, one line saying what is lost, nothing built."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    os.symlink(sys.executable, bindir / "python")
+    env = dict(os.environ, PATH=str(bindir))
+    r = subprocess.run([str(bindir / "python"), "setup.py", "-q", "build_ext", "--build-lib", str(tmp_path / "lib"),
+                        "--build-temp", str(tmp_path / "tmp")], cwd=ROOT, capture_output=True, text=True, env=env,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "the CPU extension was not built (no C++ compiler)" in r.stderr
+    assert not list(tmp_path.rglob("*.so"))
