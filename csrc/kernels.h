@@ -27,6 +27,11 @@ void rows_avx2(const QmmArgs& a, int n0, int n1);  // compiled for AVX2+FMA, cal
 // dequantize rows [n0, n1) of w into out[(n - n0) * K + k]
 using DequantKernel = void (*)(const uint32_t* w, const float* scales, const float* biases, int K, int group_size,
                                int bits, int n0, int n1, float* out);
+#if defined(__aarch64__)
+void rows_neon(const QmmArgs& a, int n0, int n1);
+void dequantize_rows_neon(const uint32_t* w, const float* scales, const float* biases, int K, int group_size, int bits,
+                          int n0, int n1, float* out);
+#endif
 #if defined(__x86_64__) || defined(_M_X64)
 void dequantize_rows_avx2(const uint32_t* w, const float* scales, const float* biases, int K, int group_size, int bits,
                           int n0, int n1, float* out);

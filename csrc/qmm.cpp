@@ -2,6 +2,12 @@
 #include "qmm.h"
 
 #include <cstdlib>
+#include <fstream>
+#include <set>
+#include <string>
+#if defined(__linux__)
+#include <sched.h>
+#endif
 #include <memory>
 #include <sstream>
 #include <stdexcept>
@@ -34,11 +40,30 @@ int many_rows() {
 // float32 elements of weight dequantized per tile (4 MB): small next to a layer, large enough for sgemm
 constexpr int64_t kTileElems = 1 << 20;
 
+// One thread per physical core this process may run on (SMT siblings share the FMA units and the memory
+// bandwidth a row kernel is bound by); BONSAI_QMM_THREADS overrides it.
 int default_threads() {
   const char* e = std::getenv("BONSAI_QMM_THREADS");
   if (e && std::atoi(e) > 0) return std::atoi(e);
-  unsigned n = std::thread::hardware_concurrency();
-  return n ? static_cast<int>(n) : 1;
+  int logical = static_cast<int>(std::thread::hardware_concurrency());
+#if defined(__linux__)
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    std::set<std::pair<std::string, std::string>> cores;
+    int allowed = 0;
+    for (int c = 0; c < CPU_SETSIZE; ++c) {
+      if (!CPU_ISSET(c, &set)) continue;
+      ++allowed;
+      const std::string t = "/sys/devices/system/cpu/cpu" + std::to_string(c) + "/topology/";
+      std::ifstream pkg(t + "physical_package_id"), core(t + "core_id");
+      std::string a, b;
+      if (pkg >> a && core >> b) cores.insert({a, b});
+    }
+    if (!cores.empty()) return static_cast<int>(cores.size());
+    if (allowed) return allowed;
+  }
+#endif
+  return logical > 0 ? logical : 1;
 }
 
 ThreadPool& pool() {
@@ -50,6 +75,9 @@ RowKernel row_kernel() {
 #if defined(__x86_64__) || defined(_M_X64)
   static const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   if (avx2 && !std::getenv("BONSAI_QMM_PORTABLE")) return rows_avx2;
+#endif
+#if defined(__aarch64__)
+  if (!std::getenv("BONSAI_QMM_PORTABLE")) return rows_neon;  // NEON is part of every aarch64 CPU
 #endif
   return rows_portable;
 }
@@ -77,6 +105,9 @@ DequantKernel dequant_kernel() {
 #if defined(__x86_64__) || defined(_M_X64)
   if (row_kernel() == rows_avx2) return dequantize_rows_avx2;
 #endif
+#if defined(__aarch64__)
+  if (row_kernel() == rows_neon) return dequantize_rows_neon;
+#endif
   return dequantize_rows;
 }
 
@@ -84,6 +115,9 @@ std::string kernel_isa() {
   auto k = row_kernel();
 #if defined(__x86_64__) || defined(_M_X64)
   if (k == rows_avx2) return "avx2+fma";
+#endif
+#if defined(__aarch64__)
+  if (k == rows_neon) return "neon";
 #endif
   return "portable";
 }

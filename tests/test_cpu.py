@@ -7,6 +7,7 @@ import sys
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 from conftest import build_llava, image_token_id
 
 from bonsai_mlx.cpu.device import PREFILL_ROWS
@@ -14,12 +15,21 @@ from bonsai_mlx.cpu.quantized import CPUQuantizedEmbedding, CPUQuantizedLinear
 from bonsai_mlx.io import load_model
 
 
-def test_dequantized_prefill_equals_quantized_kernel(tmp_path, tokenizer, monkeypatch):
-    from bonsai_mlx.cpu import quantized
+@pytest.mark.parametrize("path", ["bonsai kernel", "dequantized slices"])
+def test_dequantized_prefill_equals_quantized_kernel(tmp_path, tokenizer, monkeypatch, path):
+    """Quantized layers on the CPU take bonsai's compiled kernel (qmm) or, without it, the dequantized slices for
+    many rows; either gives MLX's quantized kernel's results."""
+    from bonsai_mlx.cpu import qmm, quantized
 
     calls = []
-    real = quantized.dequantized_matmul
-    monkeypatch.setattr(quantized, "dequantized_matmul", lambda *a: calls.append(1) or real(*a))
+    if path == "bonsai kernel":
+        assert qmm.available(), qmm.status()
+        real_q = qmm.quantized_matmul
+        monkeypatch.setattr(qmm, "quantized_matmul", lambda *a: calls.append(1) or real_q(*a))
+    else:
+        monkeypatch.setattr(qmm, "supports", lambda *a, **k: False)
+        real = quantized.dequantized_matmul
+        monkeypatch.setattr(quantized, "dequantized_matmul", lambda *a: calls.append(1) or real(*a))
     d, _ = build_llava(tmp_path / "m", tokenizer)
     model = load_model(d, quantize=4)
     layer = model.language_model.model.layers[0].mlp.down_proj

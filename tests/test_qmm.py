@@ -153,3 +153,31 @@ def test_install_without_a_compiler_still_succeeds(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "the CPU extension was not built (no C++ compiler)" in r.stderr
     assert not list(tmp_path.rglob("*.so"))
+
+
+@pytest.mark.parametrize("arch", ["native", "aarch64"])
+def test_vectorized_kernels_equal_the_portable_ones(tmp_path, arch):
+    """csrc/test_kernels.cpp: the AVX2 (native x86) or NEON (aarch64, cross-compiled and run under qemu) row and
+    dequantize kernels against the portable C ones, bits 4/8, groups 32/64/128, several row and column counts."""
+    import platform
+    import shutil
+
+    src = ROOT / "csrc"
+    files = [str(src / "test_kernels.cpp"), str(src / "kernels_portable.cpp")]
+    if arch == "native":
+        x86 = platform.machine() in ("x86_64", "AMD64")
+        cmd = ["g++", "-O2", "-std=c++17", *files, str(src / ("kernels_avx2.cpp" if x86 else "kernels_neon.cpp"))]
+        cmd += ["-mavx2", "-mfma"] if x86 else []
+        run = []
+    else:
+        if platform.machine() == "aarch64":
+            pytest.skip("native here: the 'native' case checks NEON")
+        cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64-static")
+        if not (cxx and qemu):
+            pytest.skip("needs g++-aarch64-linux-gnu and qemu-user-static (.ci/run installs them)")
+        cmd, run = [cxx, "-O2", "-std=c++17", "-static", *files, str(src / "kernels_neon.cpp")], [qemu]
+    exe = tmp_path / "test_kernels"
+    r = subprocess.run([*cmd, "-o", str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run([*run, str(exe)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "72 of 72 cases within 1e-5" in r.stdout, r.stdout + r.stderr
