@@ -70,9 +70,27 @@ def _swiglu_tail(c: mx.array, gate: mx.array, x: mx.array) -> mx.array:
     return (gate * x) * (0.5 + half_t_num / q)  # sigmoid(g) = 0.5 + 0.5·tanh(g/2)
 
 
+@mx.compile
+def _sigmoid_tail(c: mx.array) -> mx.array:
+    half_t_num, q = _tanh_pq(c, 0.5)
+    return 0.5 + half_t_num / q
+
+
+@mx.custom_function
 def fast_swiglu(gate: mx.array, x: mx.array) -> mx.array:
     """silu(gate) * x (mlx-lm's `swiglu`), sigmoid(g) = 0.5 + 0.5·tanh(g/2) on the rational tanh."""
     return _swiglu_tail(*_swiglu_clamped(gate), x)
+
+
+@fast_swiglu.vjp
+def _fast_swiglu_vjp(primals, cotangent, output):
+    # The closed-form backward from the inputs alone: autodiff through the rational would keep ~10 intermediates of
+    # [tokens, 4864] per layer until the backward pass (a 512-token 4-bit training step peaked at 7.3 GB, with this
+    # 4.9 GB: `python bench/train_step.py`). d/dg silu(g)·x = x·σ(g)·(1 + g·(1 − σ(g))), d/dx = silu(g).
+    g, x = primals
+    sig = _sigmoid_tail(_clamp(0.5 * g, _TANH_CLAMP))
+    silu = g * sig
+    return cotangent * x * (sig + silu * (1.0 - sig)), cotangent * silu
 
 
 @mx.compile
