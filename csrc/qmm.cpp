@@ -37,6 +37,8 @@ int many_rows() {
   }();
   return v;
 }
+// products with fewer weight bits than this run on the calling thread alone (about 128 × 896 at 4 bits)
+constexpr int64_t kSerialBits = int64_t(1) << 19;
 // float32 elements of weight dequantized per tile (4 MB): small next to a layer, large enough for sgemm
 constexpr int64_t kTileElems = 1 << 20;
 
@@ -132,12 +134,34 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   const int N = w.shape(0), K = w.shape(1) * 32 / bits;
   auto shape = x.shape();
   shape.back() = transpose ? N : K;
-  std::vector<mx::array> inputs = {mx::contiguous(mx::astype(x, mx::float32, st), false, st),
-                                   mx::contiguous(w, false, st),
-                                   mx::contiguous(mx::astype(scales, mx::float32, st), false, st),
-                                   mx::contiguous(mx::astype(biases, mx::float32, st), false, st)};
+  // no extra graph nodes in the common case (a decode step makes ~170 of these products): casts only where needed,
+  // strided inputs are gathered inside eval_cpu
+  auto f32 = [&](const mx::array& a) { return a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, st); };
+  std::vector<mx::array> inputs = {f32(x), w, f32(scales), f32(biases)};
   return mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(st, group_size, bits, transpose), inputs);
 }
+
+namespace {
+// A row-major copy of a strided array (a transposed or sliced view), made inside the task.
+template <typename T>
+const T* row_major(const mx::array& a, std::vector<T>& buf) {
+  if (a.flags().row_contiguous) return a.data<T>();
+  buf.resize(a.size());
+  const T* src = a.data<T>();
+  const int nd = static_cast<int>(a.ndim());
+  std::vector<int64_t> idx(nd, 0);
+  for (size_t i = 0; i < a.size(); ++i) {
+    int64_t off = 0;
+    for (int d = 0; d < nd; ++d) off += idx[d] * a.strides()[d];
+    buf[i] = src[off];
+    for (int d = nd - 1; d >= 0; --d) {
+      if (++idx[d] < a.shape(d)) break;
+      idx[d] = 0;
+    }
+  }
+  return buf.data();
+}
+}  // namespace
 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const auto& x = inputs[0];
@@ -156,9 +180,14 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   const int N = w.shape(0), K = w.shape(1) * 32 / bits;
   const int inner = transpose_ ? K : N;
   const int M = static_cast<int>(x.size() / std::max(inner, 1));
-  enc.dispatch([xp = x.data<float>(), wp = w.data<uint32_t>(), sp = scales.data<float>(), bp = biases.data<float>(),
-                yp = out.data<float>(), M, N, K, gs, bits, transpose = transpose_]() {
+  enc.dispatch([x, w, scales, biases, yp = out.data<float>(), M, N, K, gs, bits, transpose = transpose_]() {
     if (M == 0) return;
+    std::vector<float> xb, sb, bb;
+    std::vector<uint32_t> wb;
+    const float* xp = row_major(x, xb);
+    const uint32_t* wp = row_major(w, wb);
+    const float* sp = row_major(scales, sb);
+    const float* bp = row_major(biases, bb);
     const int G = K / gs;
     if (transpose && M < many_rows()) {
       // few rows: per-group sums of x (and the 4-bit chunk order), then the row kernel over output slices
@@ -180,7 +209,11 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       }
       QmmArgs a{xp, bits == 4 ? xperm.data() : xp, xsum.data(), wp, sp, bp, yp, M, N, K, gs, bits};
       RowKernel kernel = row_kernel();
-      pool().parallel_for(N, [&](int n0, int n1) { kernel(a, n0, n1); });
+      if (static_cast<int64_t>(N) * K * bits < kSerialBits) {
+        kernel(a, 0, N);  // a small product (k_proj, v_proj): waking the pool costs more than it saves
+      } else {
+        pool().parallel_for(N, [&](int n0, int n1) { kernel(a, n0, n1); });
+      }
       return;
     }
     // many rows (or x @ W): dequantize a tile of weight rows at a time and multiply it with the BLAS

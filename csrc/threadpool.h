@@ -1,14 +1,25 @@
 // A small persistent thread pool for the quantized kernels: `parallel_for(n, f)` splits [0, n) into one contiguous
-// range per thread (the calling thread takes the first). Workers sleep on a condition variable between calls (no
-// spinning), so they never compete with OpenBLAS's threads, which run only inside sgemm calls made between ours.
+// range per thread (the calling thread takes the first). A decode step makes ~170 short calls (one per linear), so
+// waking workers must be cheap: after each call they spin briefly (~50 µs) on an atomic counter, then sleep on a
+// condition variable. Sleeping workers never compete with OpenBLAS's threads, which run only inside the sgemm calls
+// made between ours.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <functional>
 #include <mutex>
 #include <thread>
 #include <vector>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define BONSAI_PAUSE() _mm_pause()
+#elif defined(__aarch64__)
+#define BONSAI_PAUSE() asm volatile("yield")
+#else
+#define BONSAI_PAUSE() ((void)0)
+#endif
 
 namespace bonsai {
 
@@ -21,7 +32,6 @@ class ThreadPool {
 
   void resize(int n) {
     stop();
-    std::lock_guard<std::mutex> lk(mu_);
     quit_ = false;
     for (int i = 1; i < std::max(n, 1); ++i) workers_.emplace_back([this, i] { loop(i); });
   }
@@ -32,42 +42,52 @@ class ThreadPool {
       f(0, n);
       return;
     }
-    std::unique_lock<std::mutex> call(call_mu_);  // one parallel_for at a time
+    std::lock_guard<std::mutex> call(call_mu_);  // one parallel_for at a time
+    job_ = &f;
+    n_ = n;
+    parts_ = t;
+    pending_.store(t - 1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lk(mu_);
-      job_ = &f;
-      n_ = n;
-      parts_ = t;
-      pending_ = t - 1;
-      ++generation_;
+      generation_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    f(0, n / t);
-    std::unique_lock<std::mutex> lk(mu_);
-    done_.wait(lk, [this] { return pending_ == 0; });
-    job_ = nullptr;
+    f(0, static_cast<int>(static_cast<int64_t>(n) / t));
+    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
+      if (spin < kSpins) {
+        BONSAI_PAUSE();
+      } else {
+        std::unique_lock<std::mutex> lk(mu_);
+        done_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
+      }
+    }
   }
 
  private:
+  static constexpr int kSpins = 20000;  // ~50 µs of pause instructions
+
   void loop(int index) {
     unsigned long seen = 0;
     for (;;) {
-      const std::function<void(int, int)>* job;
-      int n, parts;
-      {
+      int spin = 0;
+      while (generation_.load(std::memory_order_acquire) == seen && !quit_.load(std::memory_order_acquire)) {
+        if (spin++ < kSpins) {
+          BONSAI_PAUSE();
+          continue;
+        }
         std::unique_lock<std::mutex> lk(mu_);
-        cv_.wait(lk, [&] { return quit_ || generation_ != seen; });
-        if (quit_) return;
-        seen = generation_;
-        job = job_;
-        n = n_;
-        parts = parts_;
+        cv_.wait(lk, [&] { return quit_.load() || generation_.load() != seen; });
       }
+      if (quit_.load(std::memory_order_acquire)) return;
+      seen = generation_.load(std::memory_order_acquire);
+      const int parts = parts_, n = n_;
       if (index < parts) {
-        (*job)(static_cast<int>(static_cast<int64_t>(n) * index / parts),
-               static_cast<int>(static_cast<int64_t>(n) * (index + 1) / parts));
-        std::lock_guard<std::mutex> lk(mu_);
-        if (--pending_ == 0) done_.notify_one();
+        (*job_)(static_cast<int>(static_cast<int64_t>(n) * index / parts),
+                static_cast<int>(static_cast<int64_t>(n) * (index + 1) / parts));
+        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+          std::lock_guard<std::mutex> lk(mu_);
+          done_.notify_one();
+        }
       }
     }
   }
@@ -86,9 +106,10 @@ class ThreadPool {
   std::mutex mu_, call_mu_;
   std::condition_variable cv_, done_;
   const std::function<void(int, int)>* job_ = nullptr;
-  int n_ = 0, parts_ = 0, pending_ = 0;
-  unsigned long generation_ = 0;
-  bool quit_ = false;
+  int n_ = 0, parts_ = 0;
+  std::atomic<int> pending_{0};
+  std::atomic<unsigned long> generation_{0};
+  std::atomic<bool> quit_{false};
 };
 
 }  // namespace bonsai
