@@ -224,7 +224,7 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
       const int nt = std::min(tile, N - n0);
       pool().parallel_for(nt, [&](int a, int b) {
         dequant(wp, sp, bp, K, gs, bits, n0 + a, n0 + b, buf.data() + static_cast<size_t>(a) * K);
-      });
+      }, /*spin=*/false);
       if (transpose) {  // y[:, n0:n0+nt] = x [M, K] @ tile [nt, K]^T
         cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, nt, K, 1.0f, xp, K, buf.data(), K, 0.0f, yp + n0, N);
       } else {  // y [M, K] += x[:, n0:n0+nt] @ tile [nt, K]

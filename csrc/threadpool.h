@@ -36,7 +36,9 @@ class ThreadPool {
     for (int i = 1; i < std::max(n, 1); ++i) workers_.emplace_back([this, i] { loop(i); });
   }
 
-  void parallel_for(int n, const std::function<void(int, int)>& f) {
+  // spin: whether workers should spin for the next call afterwards (row kernels: yes; before an sgemm: no, its
+  // OpenBLAS threads need the cores)
+  void parallel_for(int n, const std::function<void(int, int)>& f, bool spin = true) {
     const int t = std::min(size(), std::max(n, 1));
     if (t <= 1) {
       f(0, n);
@@ -46,6 +48,7 @@ class ThreadPool {
     job_ = &f;
     n_ = n;
     parts_ = t;
+    spin_.store(spin, std::memory_order_relaxed);
     pending_.store(t - 1, std::memory_order_relaxed);
     {
       std::lock_guard<std::mutex> lk(mu_);
@@ -69,7 +72,7 @@ class ThreadPool {
   void loop(int index) {
     unsigned long seen = 0;
     for (;;) {
-      int spin = 0;
+      int spin = spin_.load(std::memory_order_acquire) ? 0 : kSpins;
       while (generation_.load(std::memory_order_acquire) == seen && !quit_.load(std::memory_order_acquire)) {
         if (spin++ < kSpins) {
           BONSAI_PAUSE();
@@ -109,7 +112,7 @@ class ThreadPool {
   int n_ = 0, parts_ = 0;
   std::atomic<int> pending_{0};
   std::atomic<unsigned long> generation_{0};
-  std::atomic<bool> quit_{false};
+  std::atomic<bool> quit_{false}, spin_{true};
 };
 
 }  // namespace bonsai
