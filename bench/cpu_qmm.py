@@ -55,10 +55,10 @@ def main():
                 x = mx.random.normal((rows, k))
                 mx.eval(x)
                 ref = x @ mx.dequantize(wq, s, b, group_size=64, bits=bits).T
-                t_mlx = best_ms(lambda x=x: mx.quantized_matmul(x, wq, s, b, group_size=64, bits=bits),
+                t_mlx = best_ms(lambda x=x, q=(wq, s, b), bits=bits: mx.quantized_matmul(x, *q, group_size=64, bits=bits),
                                 max(2, args.reps // 4)) if rows <= 16 else float("nan")
-                t_dq = best_ms(lambda x=x: dequantized_matmul(x, wq, s, b, 64, bits), args.reps)
-                t_q = best_ms(lambda x=x: qmm.quantized_matmul(x, wq, s, b, 64, bits), args.reps)
+                t_dq = best_ms(lambda x=x, q=(wq, s, b), bits=bits: dequantized_matmul(x, *q, 64, bits), args.reps)
+                t_q = best_ms(lambda x=x, q=(wq, s, b), bits=bits: qmm.quantized_matmul(x, *q, 64, bits), args.reps)
                 diff = float(mx.abs(qmm.quantized_matmul(x, wq, s, b, 64, bits) - ref).max() / mx.abs(ref).max())
                 print(f"{bits:>4} {rows:>5} {f'{n}×{k}':>10} {t_mlx:>11.2f} {t_dq:>13.2f} {t_q:>10.2f} "
                       f"{nbytes / t_q / 1e6:>12.1f} {diff:>13.1e}", flush=True)
