@@ -10,7 +10,7 @@ from ..errors import BonsaiError
 @click.command()
 @click.option("--out", default="bonsai-demo", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the data, the student, the run, the plot and the results.")
-@click.option("--steps", default=None, type=int, help="Training steps [900].")
+@click.option("--steps", default=None, type=int, help="Training steps [1500].")
 @click.option("--train-vision/--no-train-vision", default=True, show_default=True,
               help="Also train the (pretrained) vision tower during SFT, at a tenth of the lr.")
 @click.option("--vision-pretrain-steps", default=None, type=int,
