@@ -10,6 +10,7 @@ import bonsai_mlx  # noqa: F401  (first: on Linux it loads OpenBLAS before any t
 # isort: split
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the prepared-data cache of every run in the suite goes to a fresh folder, not ~/.cache
+os.environ.setdefault("BONSAI_MLX_CACHE", tempfile.mkdtemp(prefix="bonsai-test-cache-"))
 
 try:
     import torch  # the parity tests need the PyTorch reference implementations

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import click
 
+from ..train.config import PROJECTOR_LR
 from ..train.config import default as _d
 from ..units import DTYPE_NAMES
 
 
 @click.command()
-@click.option("--phase", type=click.Choice(["sft", "hsd"]), default=None,
-              help="sft: cross-entropy on answers; hsd: plus hidden-state distillation from a teacher cache.")
+@click.option("--phase", type=click.Choice(["pretrain", "sft", "hsd"]), default=None,
+              help="pretrain: the projector alone on caption data (LLaVA's stage 1); sft: cross-entropy on answers "
+                   "(LoRA + projector); hsd: plus hidden-state distillation from a teacher cache [sft].")
 @click.option("--model", metavar="DIR_OR_ID", default=None, help="Student to train (from `bonsai-mlx init`).")
 @click.option("--data", metavar="JSON", default=None, help="LLaVA-Instruct JSON (list of records) or JSONL.")
 @click.option("--image-root", metavar="DIR", default=None, help="Folder the records' `image` paths are relative to.")
@@ -25,7 +27,12 @@ from ..units import DTYPE_NAMES
 @click.option("--batch-size", type=int, default=None, help=f"Sequences per micro-batch [{_d('batch_size')}].")
 @click.option("--grad-accum", type=int, default=None, help=f"Micro-batches per optimizer step [{_d('grad_accum')}].")
 @click.option("--lr", type=float, default=None, help=f"Peak learning rate of the LoRA adapters [{_d('lr')}].")
-@click.option("--lr-projector", type=float, default=None, help=f"Peak learning rate of the projector [{_d('lr_projector')}].")
+@click.option("--lr-projector", type=float, default=None,
+              help=f"Peak learning rate of the projector [{PROJECTOR_LR['sft']}; {PROJECTOR_LR['pretrain']} in "
+                   "--phase pretrain].")
+@click.option("--projector-from", metavar="RUN_DIR", default=None,
+              help="Start from the projector of this run's checkpoint (e.g. a --phase pretrain run) instead of the "
+                   "model's own.")
 @click.option("--warmup", type=float, default=None, help=f"Warmup as a ratio of the total steps [{_d('warmup')}].")
 @click.option("--weight-decay", type=float, default=None, help=f"AdamW weight decay [{_d('weight_decay')}].")
 @click.option("--lora-rank", type=int, default=None, help=f"LoRA rank r [{_d('lora_rank')}].")
@@ -49,6 +56,9 @@ from ..units import DTYPE_NAMES
 @click.option("--seed", type=int, default=None, help=f"Seed for data order, LoRA init and dropout [{_d('seed')}].")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help=f"Compute dtype of the non-quantized weights [{_d('dtype')}; bfloat16 suits Apple GPUs].")
+@click.option("--data-cache", metavar="DIR", default=None,
+              help="Folder of the prepared-data cache (tokenized samples keyed by the data file's and the tokenizer's "
+                   "sha256, …) [$BONSAI_MLX_CACHE/prepared, else ~/.cache/bonsai-mlx/prepared].")
 @click.option("--strict/--no-strict", default=None, help="Stop at the first bad record instead of skipping it.")
 @click.option("--grad-checkpoint/--no-grad-checkpoint", default=None, help="Recompute LM blocks in backward.")
 @click.option("--compile/--no-compile", "compile_", default=None, help="mx.compile the training step [on].")
@@ -64,12 +74,15 @@ from ..units import DTYPE_NAMES
 @click.option("--standardize/--no-standardize", default=None,
               help="hsd: standardize teacher states per channel with the cache's mean/std [on]; off: raw states.")
 def train(config_file, resume, compile_, **opts):
-    """Train the student: QLoRA SFT on LLaVA-Instruct-format data, or HSD with a teacher cache.
+    """Train the student: projector pretraining on captions, QLoRA SFT on LLaVA-Instruct-format data, or HSD with a
+    teacher cache.
 
     \b
     Example:
-      bonsai-mlx train --phase sft --model bonsai --data llava_instruct_150k.json \\
-          --image-root coco/train2017 --out runs/sft --max-steps 2000 --batch-size 4 --grad-accum 4
+      bonsai-mlx train --phase pretrain --model bonsai --data blip_laion_cc_sbu_558k.json \\
+          --image-root LLaVA-Pretrain/images --out runs/pretrain --batch-size 32
+      bonsai-mlx train --phase sft --model bonsai --data llava_v1_5_mix665k.json --image-root data \\
+          --projector-from runs/pretrain --out runs/sft --max-steps 2000 --batch-size 4 --grad-accum 4
       bonsai-mlx train --phase hsd --teacher-cache cache/ --alpha 0.5 --model bonsai --data … --out runs/hsd
 
     Bad records are skipped and counted (reported at the start and the end); progress shows loss, supervised

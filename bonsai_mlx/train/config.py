@@ -2,7 +2,8 @@
 options come from (`resolve_config`: the resumed checkpoint's, then a YAML file, then flags). Framework-free.
 
 Defaults follow LLaVA-1.5's LoRA recipe (lr 2e-4, projector lr 2e-5, warmup ratio 0.03, no weight decay, r 16,
-alpha 32, dropout 0.05).
+alpha 32, dropout 0.05); `--phase pretrain` is LLaVA-1.5's stage 1 (the projector alone, lr 1e-3, warmup 0.03,
+cosine).
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ DEFAULT_LORA_KEYS = (
 )
 
 
+PHASES = ("pretrain", "sft", "hsd")
+# the projector's peak lr per phase: LLaVA-1.5 pretrains it alone at 1e-3 and instruction-tunes it at 2e-5
+PROJECTOR_LR = {"pretrain": 1e-3, "sft": 2e-5, "hsd": 2e-5}
+
+
 @dataclass
 class TrainConfig:
     phase: str = "sft"
@@ -42,7 +48,7 @@ class TrainConfig:
     batch_size: int = 4
     grad_accum: int = 1
     lr: float = 2e-4
-    lr_projector: float = 2e-5
+    lr_projector: Optional[float] = None  # default per phase: PROJECTOR_LR
     warmup: float = 0.03
     weight_decay: float = 0.0
     lora_rank: int = 16
@@ -63,6 +69,8 @@ class TrainConfig:
     grad_checkpoint: bool = False
     compile: bool = True
     system: Optional[str] = None
+    projector_from: Optional[str] = None  # start from this checkpoint's projector (a pretrain run's)
+    data_cache: Optional[str] = None  # the prepared-data cache's folder (default $BONSAI_MLX_CACHE/prepared)
     # phase hsd
     teacher_cache: Optional[str] = None
     alpha: float = 0.5
@@ -81,9 +89,23 @@ class TrainConfig:
             raise BonsaiError(f"unknown training config keys {unknown}; known: {sorted(names)}")
         return cls(**clean)
 
+    @property
+    def projector_lr(self) -> float:
+        return float(self.lr_projector) if self.lr_projector is not None else PROJECTOR_LR.get(self.phase, 2e-5)
+
     def validate(self) -> None:
-        if self.phase not in ("sft", "hsd"):
-            raise BonsaiError(f"--phase must be sft or hsd, got {self.phase!r}")
+        if self.phase not in PHASES:
+            raise BonsaiError(f"--phase must be one of {', '.join(PHASES)}, got {self.phase!r}")
+        if self.phase == "pretrain" and (self.train_lm == "full" or self.train_vision):
+            raise BonsaiError("--phase pretrain trains the projector alone (LLaVA's stage 1); drop --train-lm full "
+                              "and --train-vision, or use --phase sft")
+        if self.projector_from is not None:
+            f = Path(self.projector_from)
+            if (f / "checkpoint" / "projector.safetensors").exists():
+                f = f / "checkpoint"
+            if not (f / "projector.safetensors").exists():
+                raise BonsaiError(f"--projector-from {self.projector_from}: no projector.safetensors there (pass a "
+                                  "run directory or its checkpoint/, e.g. runs/pretrain/checkpoint)")
         if self.phase == "hsd" and not self.teacher_cache:
             raise BonsaiError("--phase hsd needs --teacher-cache (build one with `python -m teacher_cache build`)")
         if not 0 <= self.alpha <= 1:

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
 import threading
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional
@@ -24,7 +27,8 @@ from PIL import Image
 
 from ..errors import BonsaiError
 from ..processing import ImageProcessor
-from ..prompting import RecordError, encode_example
+from ..prompting import RecordError
+from .prepare import PreparedSamples, prepare_cached, prepare_records
 
 
 def read_records(path) -> list:
@@ -68,35 +72,96 @@ class Sample:
     image_path: Optional[Path]
 
 
-class SFTDataset:
-    """Tokenized, validated samples of a LLaVA-Instruct file."""
+class SampleList:
+    """The usable samples as a sequence of `Sample`s, made on access from the compact `PreparedSamples` arrays."""
 
-    def __init__(self, records: list, tokenizer, image_root, image_seq_length: int, max_seq_len: int = 2048,
-                 system: Optional[str] = None, strict: bool = False, check_images: bool = True, source: str = "data"):
+    def __init__(self, prepared: PreparedSamples, rows: np.ndarray, root: Optional[Path]):
+        self.prepared, self.rows, self.root = prepared, rows, root
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Sample:
+        p, s = self.prepared, int(self.rows[i])
+        image = p.image(s)
+        return Sample(int(p.index[s]), p.record_ids[s], p.input_ids(s), p.labels_mask(s),
+                      None if image is None else self.root / image)
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    def lengths(self) -> np.ndarray:
+        return np.asarray(self.prepared.lengths)[self.rows]
+
+    def indices(self) -> np.ndarray:
+        return np.asarray(self.prepared.index)[self.rows]
+
+
+class SFTDataset:
+    """Tokenized, validated samples of a LLaVA-Instruct file (prepared by `prepare.py`, or read from its cache)."""
+
+    def __init__(self, records: Optional[list], tokenizer, image_root, image_seq_length: int, max_seq_len: int = 2048,
+                 system: Optional[str] = None, strict: bool = False, check_images: bool = True, source: str = "data",
+                 prepared: Optional[PreparedSamples] = None):
         self.source = source
-        self.skipped: Counter = Counter()
-        self.first_skip: Dict[str, str] = {}
         self.strict = strict
-        self.samples: List[Sample] = []
+        if prepared is None:
+            prepared = prepare_records(records, tokenizer, image_seq_length, max_seq_len, system, source)
+        self.prepared = prepared
+        self.skipped: Counter = Counter(prepared.skipped)
+        self.first_skip: Dict[str, str] = dict(prepared.first_skip)
         self.failed: set = set()  # indices whose image failed to decode when loaded
         root = Path(image_root) if image_root is not None else None
-        image_id = tokenizer.convert_tokens_to_ids("<image>")
-        for i, rec in enumerate(records):
-            rid = str(rec.get("id", i)) if isinstance(rec, dict) else str(i)
-            try:
-                ex = encode_example(tokenizer, rec, image_seq_length, max_seq_len, system, image_token_id=image_id)
-                path = None
-                if ex.image is not None:
-                    if root is None:
-                        raise BonsaiError(f"{source}: record {rid} has an image but no --image-root was given")
-                    path = root / ex.image
-                    if check_images:
-                        _check_image(path)
-            except RecordError as e:
-                self._skip(e.reason, rid, str(e))
-                continue
-            self.samples.append(Sample(i, rid, np.asarray(ex.input_ids, np.int32), np.asarray(ex.labels_mask, bool),
-                                       path))
+        rows = np.arange(len(prepared))
+        has_image = np.asarray(prepared.image_pos) >= 0
+        if has_image.any() and root is None:
+            first = int(np.flatnonzero(has_image)[0])
+            raise BonsaiError(f"{source}: record {prepared.record_ids[first]} has an image but no --image-root was "
+                              "given")
+        if check_images and has_image.any():
+            rows = self._check_images(rows, has_image, root)
+        if strict and prepared.first_error is not None:  # (an earlier bad image has raised already)
+            raise BonsaiError(f"{source}: {prepared.first_error[1]} (--strict; drop --strict to skip bad records)")
+        self.samples = SampleList(prepared, rows, root)
+
+    @classmethod
+    def from_file(cls, path, tokenizer, image_root, image_seq_length: int, max_seq_len: int = 2048,
+                  system: Optional[str] = None, strict: bool = False, limit: Optional[int] = None,
+                  data_sha256: Optional[str] = None, cache_dir=None, log=print) -> "SFTDataset":
+        """The data file's samples through the prepared-data cache (`prepare.prepare_cached`)."""
+        sha = data_sha256 or file_sha256(path)
+
+        def read():
+            records = read_records(path)
+            return records[:limit] if limit else records  # indices stay the file's (the teacher cache's)
+
+        t = time.perf_counter()
+        prepared, how = prepare_cached(path, sha, read, tokenizer, image_seq_length, max_seq_len, system, limit,
+                                       strict, cache_dir=cache_dir, log=log)
+        dt = time.perf_counter() - t
+        if how == "hit" or dt >= 1.0:
+            what = "read from the prepared-data cache" if how == "hit" else "prepared"
+            log(f"{path}: {len(prepared)} samples {what} in {dt:.1f}s")
+        return cls(None, tokenizer, image_root, image_seq_length, max_seq_len, system, strict, source=str(path),
+                   prepared=prepared)
+
+    def _check_images(self, rows: np.ndarray, has_image: np.ndarray, root: Path) -> np.ndarray:
+        """Existence and a readable header for every image, in parallel threads (file opens wait on the disk, not
+        the GIL: 150k cold files on one thread are minutes); bad ones are counted skips, in file order."""
+        p = self.prepared
+        todo = np.flatnonzero(has_image)
+        paths = [root / p.image(int(s)) for s in todo]
+        with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+            results = list(pool.map(_image_problem, paths, chunksize=256))
+        bad = np.zeros(len(p), bool)
+        first_error = p.first_error[0] if p.first_error is not None else None
+        for s, err in zip(todo, results, strict=True):
+            if err is not None:
+                if self.strict and first_error is not None and int(p.index[s]) > first_error:
+                    break  # a bad record before this one is the error to report
+                self._skip(err.reason, p.record_ids[int(s)], str(err))
+                bad[s] = True
+        return rows[~bad[rows]]
 
     def _skip(self, reason: str, rid: str, msg: str) -> None:
         if self.strict:
@@ -105,14 +170,12 @@ class SFTDataset:
         self.first_skip.setdefault(reason, f"record {rid}: {msg}")
 
     def keep_only(self, keep, reason: str, msg: str) -> None:
-        """Drop the samples for which `keep(sample)` is false, counting each as a skip of `reason`."""
-        kept = []
-        for smp in self.samples:
-            if keep(smp):
-                kept.append(smp)
-            else:
-                self._skip(reason, smp.record_id, msg)
-        self.samples = kept
+        """Drop the samples whose record index fails `keep(index)`, counting each as a skip of `reason`."""
+        rows, idx = self.samples.rows, self.samples.indices()
+        ok = np.fromiter((bool(keep(int(i))) for i in idx), bool, len(idx))
+        for k in np.flatnonzero(~ok):
+            self._skip(reason, self.prepared.record_ids[int(rows[k])], msg)
+        self.samples = SampleList(self.prepared, rows[ok], self.samples.root)
 
     def report(self) -> str:
         total = len(self.samples) + sum(self.skipped.values())
@@ -123,6 +186,14 @@ class SFTDataset:
 
     def __len__(self):
         return len(self.samples)
+
+
+def _image_problem(path: Path) -> Optional[RecordError]:
+    try:
+        _check_image(path)
+    except RecordError as e:
+        return e
+    return None
 
 
 def _check_image(path: Path) -> None:
@@ -166,7 +237,7 @@ class BatchIterator:
         self.proc, self.pad_id, self.pad_multiple, self.prefetch = image_processor, pad_id, pad_multiple, prefetch
         self.rank, self.world = rank, world
         self.extras = extras  # optional (samples, input_ids) → dict of arrays, computed in the loader thread
-        lengths = np.array([len(s.input_ids) for s in dataset.samples])
+        lengths = dataset.samples.lengths()
         order = np.argsort(lengths, kind="stable")
         # Training drops the last partial batch (as mlx-lm) unless the data set is smaller than one batch.
         n = len(order) // batch_size * batch_size if drop_last and len(order) >= batch_size else len(order)

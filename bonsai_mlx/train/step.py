@@ -32,13 +32,39 @@ def prepare_student(cfg: TrainConfig) -> LlavaModel:
     """Load the student (cast to the run's dtype, the LM quantized for QLoRA), freeze it, add LoRA, make the
     projector trainable."""
     quant = None if str(cfg.quantize) == "none" else int(cfg.quantize)
-    return make_trainable(load_model(cfg.model, quantize=quant, dtype=cfg.dtype), cfg)
+    model = load_model(cfg.model, quantize=quant, dtype=cfg.dtype)
+    if cfg.projector_from:
+        load_projector(model, cfg.projector_from)
+    return make_trainable(model, cfg)
+
+
+def load_projector(model: LlavaModel, ref) -> None:
+    """Set the projector from a checkpoint's `projector.safetensors` (`ref`: a run directory or its checkpoint/)."""
+    from pathlib import Path
+
+    from mlx.utils import tree_flatten
+
+    from ..errors import BonsaiError
+
+    d = Path(ref)
+    f = d / "checkpoint" / "projector.safetensors" if (d / "checkpoint").is_dir() else d / "projector.safetensors"
+    w = mx.load(str(f))
+    own = dict(tree_flatten(model.parameters()))
+    bad = sorted(k for k, v in w.items() if not k.startswith("multi_modal_projector.") or k not in own
+                 or own[k].shape != v.shape)
+    missing = sorted(k for k in own if k.startswith("multi_modal_projector.") and k not in w)
+    if bad or missing:
+        raise BonsaiError(f"--projector-from {ref}: {f} does not fit this student ({(bad or missing)[:2]}); was it "
+                          "trained on another --model?")
+    model.load_weights([(k, v.astype(own[k].dtype)) for k, v in w.items()], strict=False)
 
 
 def make_trainable(model: LlavaModel, cfg: TrainConfig) -> LlavaModel:
     """Freeze the base, then unfreeze what `cfg` trains (LoRA or the whole LM, the vision tower, the projector)."""
     model.freeze()
-    if cfg.train_lm == "full":
+    if cfg.phase == "pretrain":
+        pass  # LLaVA's stage 1: the projector alone
+    elif cfg.train_lm == "full":
         model.language_model.unfreeze()
     else:
         add_lora(model, lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_keys))
@@ -109,7 +135,7 @@ _GROUP_PREFIX = {"projector": "multi_modal_projector.", "align": "align.", "visi
 
 def make_optimizer(cfg: TrainConfig, total_steps: int) -> "NamedOptimizer":
     """AdamW per group (projector, alignment projectors, vision tower, LM), each with warmup + cosine decay."""
-    peaks = {"projector": cfg.lr_projector, "align": cfg.lr_align, "vision": cfg.lr_vision, "lm": cfg.lr}
+    peaks = {"projector": cfg.projector_lr, "align": cfg.lr_align, "vision": cfg.lr_vision, "lm": cfg.lr}
     warm = {g: cfg.warmup for g in GROUPS}
     if cfg.warmup_vision is not None:
         warm["vision"] = cfg.warmup_vision

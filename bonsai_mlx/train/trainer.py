@@ -26,7 +26,7 @@ from ..model import LlavaModel
 from ..processing import ImageProcessor
 from .checkpoint import read_checkpoint, read_state, write_checkpoint
 from .config import TrainConfig
-from .data import BatchIterator, SFTDataset, file_sha256, read_records
+from .data import BatchIterator, SFTDataset, file_sha256
 from .step import build_step, make_optimizer, prepare_student, step_seed
 
 
@@ -66,10 +66,9 @@ class Trainer:
         self.image_processor = ImageProcessor.from_pretrained(model_path, default_size=mcfg.vision_config.image_size)
 
         self.data_sha = file_sha256(cfg.data)
-        records = read_records(cfg.data)
-        records = records[: cfg.limit] if cfg.limit else records  # indices stay the file's (the teacher cache's)
-        self.train_set = SFTDataset(records, self.tokenizer, cfg.image_root, mcfg.image_seq_length,
-                                    cfg.max_seq_len, cfg.system, cfg.strict, source=str(cfg.data))
+        self.train_set = SFTDataset.from_file(cfg.data, self.tokenizer, cfg.image_root, mcfg.image_seq_length,
+                                              cfg.max_seq_len, cfg.system, cfg.strict, cfg.limit, self.data_sha,
+                                              cache_dir=cfg.data_cache, log=log)
         self.text_pairs, self.image_pair, extras = [], None, None
         if cfg.phase == "hsd":
             extras = self._setup_hsd(model_path)
@@ -79,9 +78,9 @@ class Trainer:
                                      rank=self.rank, world=self.world, extras=extras)
         self.eval_set = None
         if cfg.eval_data:
-            self.eval_set = SFTDataset(read_records(cfg.eval_data), self.tokenizer, cfg.image_root,
-                                       mcfg.image_seq_length, cfg.max_seq_len, cfg.system, cfg.strict,
-                                       source=str(cfg.eval_data))
+            self.eval_set = SFTDataset.from_file(cfg.eval_data, self.tokenizer, cfg.image_root,
+                                                 mcfg.image_seq_length, cfg.max_seq_len, cfg.system, cfg.strict,
+                                                 cache_dir=cfg.data_cache, log=log)
             log(self.eval_set.report())
 
         steps_per_epoch = max(self.batches.batches_per_epoch // cfg.grad_accum, 1)
@@ -120,7 +119,7 @@ class Trainer:
         self.model.align = AlignProjectors(int(mcfg.text_config["hidden_size"]), cache.hidden_size, self.text_pairs,
                                            self.image_pair)
         mx.eval(self.model.align.parameters())
-        self.train_set.keep_only(lambda smp: smp.index in cache, "not_in_teacher_cache",
+        self.train_set.keep_only(lambda index: index in cache, "not_in_teacher_cache",
                                  "record is not in the teacher cache")
         self.cache = cache
         return TargetBuilder(cache, self.text_pairs, self.image_pair, mcfg.image_token_index,
@@ -190,6 +189,8 @@ class Trainer:
         skipped = dict(self.train_set.skipped)
         self.log(f"done: {self.step} steps in {elapsed:.1f}s; final loss {last.get('loss', float('nan')):.4f}; "
                  f"checkpoint {self.ckpt_dir}" + (f"; skipped {skipped}" if skipped else ""))
+        if cfg.phase == "pretrain":
+            self.log(f"next: bonsai-mlx train --phase sft --projector-from {self.out} --model {cfg.model} …")
         return last
 
     def _all_sum(self, x):
