@@ -14,4 +14,4 @@ if "bonsai_mlx" not in sys.modules:
 
 from bonsai_mlx.prompting import PROMPT_TEMPLATE_VERSION  # noqa: E402,F401  (one source for both sides)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: shards map samples to image rows (text-only records keep their text states)

@@ -38,7 +38,8 @@ def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
 
 def write_shard(path: Path, samples: List[dict], layers: List[int], image_layers: List[int], dtype: str) -> int:
     """Write one shard atomically (temp name, then rename). Each sample: {"index", "positions" [K],
-    "text": {layer: [K, D] float32}, "image": {layer: [G², D]}}. Returns the bytes written."""
+    "text": {layer: [K, D] float32}, "image": {layer: [G², D]} (empty for a text-only record)}. Returns the bytes
+    written. Image rows exist for the samples that have an image: `image_rows[i]` is sample i's row, -1 for none."""
     tensors: Dict[str, np.ndarray] = {}
     counts = [len(s["positions"]) for s in samples]
     tensors["text_offsets"] = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
@@ -47,8 +48,12 @@ def write_shard(path: Path, samples: List[dict], layers: List[int], image_layers
     for k in layers:
         x = np.concatenate([s["text"][k] for s in samples], axis=0)
         _put(tensors, f"text.L{k}", f"text_scale.L{k}", x, dtype)
-    for k in image_layers:
-        x = np.stack([s["image"][k] for s in samples])
+    with_image = [s for s in samples if s.get("image")]
+    if image_layers:
+        rows = np.cumsum([bool(s.get("image")) for s in samples]) - 1
+        tensors["image_rows"] = np.where([bool(s.get("image")) for s in samples], rows, -1).astype(np.int64)
+    for k in image_layers if with_image else []:
+        x = np.stack([s["image"][k] for s in with_image])
         _put(tensors, f"image.L{k}", f"image_scale.L{k}", x, dtype)
     with atomic_file(path) as tmp:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp), metadata={"format": "np"})
@@ -115,8 +120,10 @@ class CacheReader:
         out = {"positions": f.get_slice("text_positions")[a:b].astype(np.int64), "text": {}, "image": {}}
         for k in text_layers:
             out["text"][k] = _rows(f, keys, f"text.L{k}", f"text_scale.L{k}", slice(a, b))
-        for k in image_layers:
-            out["image"][k] = _rows(f, keys, f"image.L{k}", f"image_scale.L{k}", slice(row, row + 1))[0]
+        # format 2 maps samples to image rows (-1: a text-only record); format 1 had one row per sample
+        img_row = int(f.get_slice("image_rows")[row]) if "image_rows" in keys else row
+        for k in image_layers if img_row >= 0 else []:
+            out["image"][k] = _rows(f, keys, f"image.L{k}", f"image_scale.L{k}", slice(img_row, img_row + 1))[0]
         return out
 
     def read_stats(self) -> Dict[str, np.ndarray]:
@@ -166,10 +173,15 @@ def verify(cache_dir) -> List[str]:
             x = t.get(f"text.L{k}")
             if x is None or x.shape != (K, D) or x.dtype != want_dtype:
                 problems.append(f"{sh['file']}: text.L{k} missing or not [{K}, {D}] {man['dtype']}")
-        for k in man.get("image_layers", []):
-            x = t.get(f"image.L{k}")
-            if x is None or x.shape != (n, grid[0] * grid[1], D) or x.dtype != want_dtype:
-                problems.append(f"{sh['file']}: image.L{k} missing or misshapen")
+        if man.get("image_layers"):
+            rows = t.get("image_rows", np.arange(n))
+            n_img = int((rows >= 0).sum())
+            if rows.shape != (n,) or not np.array_equal(rows[rows >= 0], np.arange(n_img)):
+                problems.append(f"{sh['file']}: image_rows not [{n}] counting up over the samples with an image")
+            for k in man["image_layers"] if n_img else []:
+                x = t.get(f"image.L{k}")
+                if x is None or x.shape != (n_img, grid[0] * grid[1], D) or x.dtype != want_dtype:
+                    problems.append(f"{sh['file']}: image.L{k} missing or misshapen")
         for row, si in enumerate(t["sample_index"].tolist()):
             if si in seen:
                 problems.append(f"sample {si} appears twice")

@@ -33,18 +33,36 @@ def world(tmp_path_factory, tokenizer):
     student, _ = build_llava(root / "student", tokenizer, seed=1, noise=0.1)
     teacher, _ = build_teacher(root / "teacher", train_llama_tokenizer())
     data = make_shapes_data(root / "data", 16)
-    cache = root / "cache"
+    cache = build_cache(teacher, student, data, root / "cache")
+    return root, student, data, cache, teacher
+
+
+def build_cache(teacher, student, data, cache):
     r = subprocess.run([sys.executable, "-m", "teacher_cache", "build", "--teacher", str(teacher),
                         "--student-tokenizer", str(student), "--data", str(data), "--image-root",
                         str(data.parent / "images"), "--out", str(cache), "--layers", "2 3", "--image-states",
                         "--image-layers", "2", "--device", "cpu", "--batch-size", "8"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    return root, student, data, cache
+    return cache
+
+
+@pytest.fixture(scope="module")
+def mixed(world):
+    """The same pictures with text-only records among them, as the 665k mix has ShareGPT's, and its cache."""
+    root, student, data, _, teacher = world
+    records = json.loads(data.read_text())
+    for k in range(6):
+        records.insert(3 * k + 1, {"id": f"text-{k}", "conversations": [
+            {"from": "human", "value": f"Name colour number {k}."},
+            {"from": "gpt", "value": ["red", "green", "blue"][k % 3]}]})
+    mixed_data = data.with_name("mixed.json")
+    mixed_data.write_text(json.dumps(records))
+    return root, student, mixed_data, build_cache(teacher, student, mixed_data, root / "cache_mixed"), teacher
 
 
 def cfg(world, out, **kw):
-    root, student, data, cache = world
+    root, student, data, cache, _ = world
     base = dict(model=str(student), data=str(data), image_root=str(data.parent / "images"), out=str(out),
                 batch_size=4, lr=3e-3, lr_projector=3e-3, seed=2, max_steps=6)
     base.update(kw)
@@ -55,10 +73,12 @@ def metrics(run):
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def test_alpha_zero_reproduces_sft_exactly(world, tmp_path):
-    _, _, _, cache = world
-    Trainer(cfg(world, tmp_path / "sft"), log=lambda m: None).train()
-    Trainer(cfg(world, tmp_path / "hsd", phase="hsd", teacher_cache=str(cache), alpha=0.0), log=lambda m: None).train()
+def test_alpha_zero_reproduces_sft_exactly(mixed, tmp_path):
+    """On data mixing text-only and image records (the image term counted over the image records only)."""
+    _, _, _, cache, _ = mixed
+    Trainer(cfg(mixed, tmp_path / "sft"), log=lambda m: None).train()
+    Trainer(cfg(mixed, tmp_path / "hsd", phase="hsd", teacher_cache=str(cache), alpha=0.0),
+            log=lambda m: None).train()
     a, b = metrics(tmp_path / "sft"), metrics(tmp_path / "hsd")
     assert [x["loss"] for x in a] == [x["loss"] for x in b]
     assert all(x["l_text"] > 0 for x in b)  # the distillation terms were computed, with weight 0
@@ -68,8 +88,30 @@ def test_alpha_zero_reproduces_sft_exactly(world, tmp_path):
     assert (tmp_path / "hsd" / "checkpoint" / "align.safetensors").exists()
 
 
+def test_image_states_cache_keeps_text_only_records(mixed):
+    from safetensors.numpy import load_file
+
+    _, _, data, cache, _ = mixed
+    records = json.loads(data.read_text())
+    text_only = [i for i, r in enumerate(records) if "image" not in r]
+    man = json.loads((cache / "manifest.json").read_text())
+    index = json.loads((cache / "index.json").read_text())
+    assert man["image_layers"] == [2] and man["num_samples"] == len(records) and not man["failed"]
+    for i in range(len(records)):
+        name, row = index[str(i)]
+        t = load_file(str(cache / name))
+        a, b = t["text_offsets"][row : row + 2]
+        assert b > a and t["text.L3"][a:b].shape == (b - a, man["hidden_size"])  # text states for every record
+        img_row = t["image_rows"][row]
+        assert (img_row == -1) == (i in text_only)  # an image row only where there is an image
+        if img_row >= 0:
+            assert t["image.L2"].shape[0] == int((t["image_rows"] >= 0).sum())
+    r = cli("verify", str(cache), module="teacher_cache")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 def test_hsd_lowers_l_text_while_ce_falls(world, tmp_path):
-    _, _, _, cache = world
+    _, _, _, cache, _ = world
     out = tmp_path / "run"
     Trainer(cfg(world, out, phase="hsd", teacher_cache=str(cache), alpha=0.5, max_steps=200, lr_align=3e-3),
             log=lambda m: None).train()
@@ -151,7 +193,7 @@ def test_no_standardize_gives_the_raw_teacher_states():
 
 
 def test_mismatched_cache_is_refused(world, tmp_path, tokenizer):
-    root, student, data, cache = world
+    root, student, data, cache, _ = world
     other = tmp_path / "other.json"
     recs = json.loads(data.read_text())
     other.write_text(json.dumps(recs[:-1]))
@@ -175,7 +217,7 @@ def test_mismatched_cache_is_refused(world, tmp_path, tokenizer):
 
 
 def test_hsd_resume_after_kill_is_exact(world, tmp_path):
-    root, student, data, cache = world
+    root, student, data, cache, _ = world
     common = ["train", "--phase", "hsd", "--teacher-cache", str(cache), "--model", str(student), "--data", str(data),
               "--image-root", str(data.parent / "images"), "--max-steps", "60", "--batch-size", "4",
               "--save-every", "30", "--seed", "4"]
@@ -197,7 +239,7 @@ def test_hsd_resume_after_kill_is_exact(world, tmp_path):
 def test_hsd_with_full_lm_and_vision_training(world, tmp_path):
     """HSD combines with --train-lm full / --train-vision (the setup of a student that starts random): every
     component trains, the align projectors are saved beside weights.safetensors, and the checkpoint reloads."""
-    _, student, _, cache = world
+    _, student, _, cache, _ = world
     run = tmp_path / "full"
     t = Trainer(cfg(world, run, phase="hsd", teacher_cache=str(cache), alpha=0.5, quantize="none", train_lm="full",
                     train_vision=True, lora_dropout=0.0, max_steps=4), log=lambda m: None)

@@ -140,7 +140,7 @@ class SFTDataset:
                                        strict, cache_dir=cache_dir, log=log)
         dt = time.perf_counter() - t
         if how == "hit" or dt >= 1.0:
-            what = "read from the prepared-data cache" if how == "hit" else "prepared"
+            what = {"hit": "read from the prepared-data cache", "miss": "prepared (and cached)", "off": "prepared"}[how]
             log(f"{path}: {len(prepared)} samples {what} in {dt:.1f}s")
         return cls(None, tokenizer, image_root, image_seq_length, max_seq_len, system, strict, source=str(path),
                    prepared=prepared)
