@@ -151,8 +151,10 @@ class SFTDataset:
         p = self.prepared
         todo = np.flatnonzero(has_image)
         paths = [root / p.image(int(s)) for s in todo]
+        unique = list(dict.fromkeys(paths))  # records share pictures (LLaVA-Instruct-150k: ~158k records, ~81k images)
         with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-            results = list(pool.map(_image_problem, paths, chunksize=256))
+            found = dict(zip(unique, pool.map(_image_problem, unique, chunksize=256), strict=True))
+        results = [found[x] for x in paths]
         bad = np.zeros(len(p), bool)
         first_error = p.first_error[0] if p.first_error is not None else None
         for s, err in zip(todo, results, strict=True):
