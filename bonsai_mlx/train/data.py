@@ -3,9 +3,10 @@
 Framework-free (NumPy + Pillow): batches are NumPy arrays the trainer hands to MLX.
 
 Skips: a record that cannot be trained on is skipped and counted by reason (see `prompting.RecordError` reasons, plus
-`missing_image` and `corrupt_image`); `strict=True` turns the first one into an error. Images are checked for
-existence and a readable header up front (cheap for 150k files); an image whose pixels fail to decode later (a
-truncated JPEG) is dropped from its batch when loaded and counted as `corrupt_image`.
+`missing_image` and `corrupt_image`); `strict=True` turns the first one into an error. Samples come from
+`prepare.py` (batched, cached). Images are checked for existence and a readable header up front, each distinct file
+once, on a thread pool; an image whose pixels fail to decode later (a truncated JPEG) is dropped from its batch when
+loaded and counted as `corrupt_image`.
 """
 
 from __future__ import annotations
