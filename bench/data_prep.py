@@ -134,13 +134,14 @@ student, data, images, cache = sys.argv[1:5]
 tok = AutoTokenizer.from_pretrained(student)
 n_img = json.loads((Path(student) / 'config.json').read_text())['image_seq_length']
 r0 = rss()
-ds = SFTDataset.from_file(data, tok, images, n_img, 2048, cache_dir=cache, log=lambda m: None)
+logs = []
+ds = SFTDataset.from_file(data, tok, images, n_img, 2048, cache_dir=Path(cache) / 'prepared', log=logs.append)
 r1 = rss()
 p = ds.prepared
 total = int(p.lengths.sum())
 s = int(sum(int(np.asarray(a).sum() % 7) for a in (p.ids, p.starts, p.mask_runs, p.lengths)))  # touch every page
 r2 = rss()
-print(json.dumps({"samples": len(ds), "tokens": total, "stored_ids": len(p.ids), "nbytes_gb": p.nbytes() / 1e9,
+print(json.dumps({"hit": any("cache" in m for m in logs), "samples": len(ds), "tokens": total, "stored_ids": len(p.ids), "nbytes_gb": p.nbytes() / 1e9,
                   "rss_load_gb": r1 - r0, "rss_touched_gb": r2 - r0, "rss_total_gb": r2}))
 """.replace("import sys, json, os", "import sys, json, os\nimport numpy as np")
 
@@ -191,7 +192,7 @@ def main():
         r = subprocess.run([sys.executable, "-c", RAM_SCRIPT, str(student), str(data), str(img_root), str(cache)],
                            check=True, capture_output=True, text=True)
         m = json.loads(r.stdout.strip().splitlines()[-1])
-        print(f"prepared set from the cache: {m['samples']} samples, {m['tokens'] / 1e6:.1f} M tokens "
+        print(f"prepared set from the cache ({'hit' if m['hit'] else 'MISS'}): {m['samples']} samples, {m['tokens'] / 1e6:.1f} M tokens "
               f"({m['stored_ids'] / 1e6:.1f} M stored ids): arrays {m['nbytes_gb']:.3f} GB; RSS +{m['rss_load_gb']:.3f} "
               f"GB when loaded (memory-mapped), +{m['rss_touched_gb']:.3f} GB with every page read (goal <= 1 GB)")
     finally:

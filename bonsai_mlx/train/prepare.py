@@ -81,8 +81,12 @@ def encode_chunk(tokenizer, records: Sequence, image_seq_length: int, max_seq_le
     The texts are tokenized with a single `<image>` each: `<image>` is a special token, so the text around it is
     split off and tokenized on its own whatever the run length — the run is put back by position (saves the
     tokenizer 195 of every ~500 tokens of the real student's samples)."""
-    img_id = image_token_id if image_token_id is not None else tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    n_extra = image_seq_length - 1  # ids the run adds beyond its one stored id
+    return finish_chunk(tokenize_chunk(tokenizer, records, system), tokenizer, image_seq_length, max_seq_len,
+                        image_token_id, want_offsets)
+
+
+def tokenize_chunk(tokenizer, records: Sequence, system: Optional[str] = None) -> tuple:
+    """Stage 1 of `encode_chunk`: parse the records, build the one-<image> chat texts, tokenize them."""
     errors: Dict[int, RecordError] = {}
     texts, spans, images, pos, turns_ok = [], [], [], [], []
     for j, rec in enumerate(records):
@@ -109,6 +113,15 @@ def encode_chunk(tokenizer, records: Sequence, image_seq_length: int, max_seq_le
         lens = np.array([len(o["input_ids"]) for o in outs], np.int64)
         ids = np.array([i for o in outs for i in o["input_ids"]], np.int32)
         offs = np.array([a for o in outs for a in o["offset_mapping"]], np.int64).reshape(-1, 2)
+    return errors, texts, spans, images, pos, turns_ok, lens, ids, offs
+
+
+def finish_chunk(tokenized: tuple, tokenizer, image_seq_length: int, max_seq_len: Optional[int] = None,
+                 image_token_id: Optional[int] = None, want_offsets: bool = False) -> Encoded:
+    """Stage 2 of `encode_chunk`: label masks, image runs, truncation and refusals, with arrays."""
+    errors, texts, spans, images, pos, turns_ok, lens, ids, offs = tokenized
+    img_id = image_token_id if image_token_id is not None else tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    n_extra = image_seq_length - 1  # ids the run adds beyond its one stored id
     n_rec = len(texts)
     starts = np.zeros(n_rec + 1, np.int64)
     np.cumsum(lens, out=starts[1:])
@@ -296,6 +309,8 @@ def prepare_records(records: Sequence, tokenizer, image_seq_length: int, max_seq
         show_progress = len(records) >= 10 * CHUNK
     bar = progress(len(records), f"prepare {Path(source).name}", "rec") if show_progress else None
     first_error = None
+    # (tokenizing the next chunk on a thread while this one is finished gained nothing: the tokenizer keeps every
+    # core busy on its own)
     for c in range(0, len(records), CHUNK):
         chunk = records[c : c + CHUNK]
         enc = encode_chunk(tokenizer, chunk, image_seq_length, max_seq_len, system, img_id)
