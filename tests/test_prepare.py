@@ -10,7 +10,7 @@ from PIL import Image
 from bonsai_mlx.errors import BonsaiError
 from bonsai_mlx.prompting import RecordError, encode_example
 from bonsai_mlx.train import prepare
-from bonsai_mlx.train.data import SFTDataset, _check_image
+from bonsai_mlx.train.data import SFTDataset, _check_image, iter_records, read_records
 
 
 def rec(i, *turns, image="ok.png"):
@@ -181,3 +181,23 @@ def test_strict_names_the_first_bad_record_in_file_order(tokenizer, images):
     records[1]["image"] = "ok.png"
     with pytest.raises(BonsaiError, match="record r2: .*--strict"):
         SFTDataset(records, tokenizer, images, 8, strict=True)
+
+
+@pytest.mark.parametrize("text", ['[{"a": 1}, {"b": [1, 2]} ,\n {"c": "x"}]\n', "[]", '{"x": 1}', '[{"a": 1},\n {"b": }]',
+                                  '[{"a": 1} {"b": 2}]', ' [ {"a": 1} ] x', '[{"a": 1},'])
+def test_streamed_records_equal_read_records(tmp_path, text):
+    """The trainer streams a JSON list record by record (665k records never in memory at once): same records, same
+    one-line errors as parsing the whole file."""
+    f = tmp_path / "d.json"
+    f.write_text(text)
+
+    def run(fn):
+        try:
+            return fn()
+        except BonsaiError as e:
+            return str(e)
+
+    whole = run(lambda: read_records(f))
+    assert run(lambda: list(iter_records(f))) == whole
+    if isinstance(whole, list):
+        assert list(iter_records(f, 1)) == whole[:1]

@@ -56,6 +56,64 @@ def read_records(path) -> list:
     return data
 
 
+def iter_records(path, limit: Optional[int] = None) -> Iterator:
+    """The records of `path` (as `read_records`) one at a time, at most `limit`: a JSON list is decoded object by
+    object from its text, so 665k records never exist as Python objects at once (json.loads of the 1 GB mix peaks
+    at ~9 GB). A parse error names the spot, as `read_records` does."""
+    from itertools import islice
+
+    path = Path(path)
+    if not path.exists():
+        raise BonsaiError(f"data file {path}: no such file")
+    return islice(_iter_jsonl(path) if path.suffix == ".jsonl" else _iter_json_list(path), limit)
+
+
+def _iter_jsonl(path: Path):
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise BonsaiError(f"{path}: invalid JSON at line {n} column {e.colno}: {e.msg}") from None
+
+
+def _iter_json_list(path: Path):
+    text = path.read_text(encoding="utf-8")
+    dec = json.JSONDecoder()
+    ws = " \t\n\r"
+    i = len(text) - len(text.lstrip(ws))
+    if not text.startswith("[", i):
+        try:  # not a list: say what it is (or where it stops parsing)
+            got = type(json.loads(text)).__name__
+        except json.JSONDecodeError as e:
+            raise BonsaiError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        raise BonsaiError(f"{path}: expected a JSON list of records, got {got}")
+    i += 1
+    first = True
+    try:
+        while True:
+            while i < len(text) and text[i] in ws:
+                i += 1
+            if text.startswith("]", i):
+                i += 1
+                break
+            if not first:
+                if not text.startswith(",", i):
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, i)
+                i += 1
+                while i < len(text) and text[i] in ws:
+                    i += 1
+            obj, i = dec.raw_decode(text, i)
+            first = False
+            yield obj
+        rest = text[i:]
+        if rest.strip(ws):
+            raise json.JSONDecodeError("Extra data", text, i + len(rest) - len(rest.lstrip(ws)))
+    except json.JSONDecodeError as e:
+        raise BonsaiError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+
+
 def file_sha256(path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -132,13 +190,13 @@ class SFTDataset:
         """The data file's samples through the prepared-data cache (`prepare.prepare_cached`)."""
         sha = data_sha256 or file_sha256(path)
 
-        def read():
-            records = read_records(path)
-            return records[:limit] if limit else records  # indices stay the file's (the teacher cache's)
+        def read():  # the first `limit` records (indices stay the file's, the teacher cache's), streamed
+            return iter_records(path, limit)
 
         t = time.perf_counter()
         prepared, how = prepare_cached(path, sha, read, tokenizer, image_seq_length, max_seq_len, system, limit,
-                                       strict, cache_dir=cache_dir, log=log)
+                                       strict, cache_dir=cache_dir, log=log,
+                                       show_progress=Path(path).stat().st_size >= 32_000_000)  # ~20k records
         dt = time.perf_counter() - t
         if how == "hit" or dt >= 1.0:
             what = {"hit": "read from the prepared-data cache", "miss": "prepared (and cached)", "off": "prepared"}[how]

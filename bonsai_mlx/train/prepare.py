@@ -25,9 +25,9 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, islice
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
@@ -294,25 +294,30 @@ class PreparedSamples:
                    first_skip=dict(meta["first_skip"]))
 
 
-def prepare_records(records: Sequence, tokenizer, image_seq_length: int, max_seq_len: Optional[int] = None,
+def prepare_records(records: Iterable, tokenizer, image_seq_length: int, max_seq_len: Optional[int] = None,
                     system: Optional[str] = None, source: str = "data",
                     show_progress: Optional[bool] = None) -> PreparedSamples:
     """Encode every record (in chunks, with a records/s bar from 10 chunks on) into a `PreparedSamples`; bad records
-    are counted by reason (the first of each kept as an example; the very first in `first_error`, for --strict)."""
+    are counted by reason (the first of each kept as an example; the very first in `first_error`, for --strict).
+
+    `records` may be a stream (`data.iter_records`): only one chunk of parsed records is alive at a time."""
     img_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     skipped: Counter = Counter()
     first: Dict[str, str] = {}
     parts = {k: [] for k in ("ids", "lens", "index", "image_pos", "runs", "nruns")}
     rids: List[str] = []
     imgs: List[str] = []
+    total = len(records) if hasattr(records, "__len__") else None
     if show_progress is None:
-        show_progress = len(records) >= 10 * CHUNK
-    bar = progress(len(records), f"prepare {Path(source).name}", "rec") if show_progress else None
+        show_progress = total is None or total >= 10 * CHUNK
+    bar = progress(total, f"prepare {Path(source).name}", "rec") if show_progress else None
     first_error = None
-    # (tokenizing the next chunk on a thread while this one is finished gained nothing: the tokenizer keeps every
-    # core busy on its own)
-    for c in range(0, len(records), CHUNK):
-        chunk = records[c : c + CHUNK]
+    it = iter(records)
+    c = 0
+    while True:
+        chunk = list(islice(it, CHUNK))
+        if not chunk:
+            break
         enc = encode_chunk(tokenizer, chunk, image_seq_length, max_seq_len, system, img_id)
         for j, e in enc.errors.items():
             rid = record_id(chunk[j], c + j)
@@ -344,6 +349,7 @@ def prepare_records(records: Sequence, tokenizer, image_seq_length: int, max_seq
             imgs.append(enc.images[k] or "")
         if bar is not None:
             bar.update(len(chunk))
+        c += len(chunk)
     if bar is not None:
         bar.close()
     cat = lambda k, dt: np.concatenate(parts[k]).astype(dt) if parts[k] else np.zeros(0, dt)  # noqa: E731
@@ -390,7 +396,8 @@ def cache_key(data_sha256: str, tokenizer, image_seq_length: int, max_seq_len: O
 
 
 def prepare_cached(path, data_sha256: str, read, tokenizer, image_seq_length: int, max_seq_len: Optional[int],
-                   system: Optional[str], limit: Optional[int], strict: bool, cache_dir=None, log=print):
+                   system: Optional[str], limit: Optional[int], strict: bool, cache_dir=None, log=print,
+                   show_progress: Optional[bool] = None):
     """The prepared samples of data file `path`: from the cache when one was made with the same key, else prepared
     (`read()` gives the records) and stored. Returns (samples, "hit" | "miss" | "off").
 
@@ -399,7 +406,8 @@ def prepare_cached(path, data_sha256: str, read, tokenizer, image_seq_length: in
 
     key = cache_key(data_sha256, tokenizer, image_seq_length, max_seq_len, system, limit)
     if key is None or strict:
-        return prepare_records(read(), tokenizer, image_seq_length, max_seq_len, system, str(path)), "off"
+        return prepare_records(read(), tokenizer, image_seq_length, max_seq_len, system, str(path), show_progress), \
+            "off"
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
     d = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     entry = d / digest
@@ -411,7 +419,7 @@ def prepare_cached(path, data_sha256: str, read, tokenizer, image_seq_length: in
                 return PreparedSamples.load(entry, meta), "hit"
         except (OSError, ValueError, KeyError):
             pass  # a damaged entry is rebuilt below
-    samples = prepare_records(read(), tokenizer, image_seq_length, max_seq_len, system, str(path))
+    samples = prepare_records(read(), tokenizer, image_seq_length, max_seq_len, system, str(path), show_progress)
     try:
         with atomic_dir(entry) as tmp:
             samples.save(tmp)
