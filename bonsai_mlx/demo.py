@@ -193,7 +193,7 @@ def run_demo(cfg: DemoConfig, echo: Callable[[str], None] = print) -> dict:
 
     vision_info = None
     if cfg.vision_pretrain_steps > 0:
-        echo(f"[4/7] vision tower pretraining: which colour+shape categories are in each train image "
+        echo(f"[4/7] vision tower pretraining: which colour+shape category sits in each patch of the train images "
              f"(instances_train.json) → {out / 'pico-vision'}")
         vision_info = pretrain_vision(model_dir, out / "pico-vision", data, paths["instances_train"],
                                       cfg.vision_pretrain_steps, seed=cfg.seed, echo=echo)

@@ -20,7 +20,7 @@ from ..errors import BonsaiError
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for data, weights and data order.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 def demo(out, steps, train_vision, vision_pretrain_steps, train_images, eval_questions, seed, force):
-    """Offline demo: teach a tiny random student to answer questions about coloured shapes (~4 min on 2 cores).
+    """Offline demo: teach a tiny random student to answer questions about coloured shapes (~5 min on 2 cores).
 
     Builds a synthetic visual-QA set and a pico student, scores the untrained student on held-out questions,
     pretrains its vision tower for a few seconds on the training images' annotations, trains it (SFT: LM in full,
