@@ -14,6 +14,11 @@ NB_MODULE(_qmm, m) {
         "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
         "x @ dequantize(w).T (transpose) or x @ dequantize(w), float32, as mx.quantized_matmul computes it.");
   m.def("kernel_isa", &bonsai::kernel_isa, "The row kernel in use: avx2+fma, neon or portable.");
+  m.def("activations", &bonsai::activations,
+        "int8: 4-bit products of fewer than int8_rows() rows round the activations to int8 per block of 32; "
+        "float: exact.");
+  m.def("set_activations", &bonsai::set_activations, "kind"_a, "int8 (the default where a kernel exists) or float.");
+  m.def("int8_rows", &bonsai::int8_rows, "Row count below which the int8-activation kernel runs (0: never).");
   m.def("num_threads", &bonsai::num_threads, "Threads of the kernel's pool.");
   m.def("set_num_threads", &bonsai::set_num_threads, "n"_a, "Resize the kernel's pool.");
 }

@@ -1,6 +1,7 @@
 // The BonsaiQuantizedMatmul primitive (see qmm.h): graph construction, CPU evaluation, vjp, shapes.
 #include "qmm.h"
 
+#include <atomic>
 #include <cstdlib>
 #include <fstream>
 #include <set>
@@ -84,6 +85,29 @@ RowKernel row_kernel() {
   return rows_portable;
 }
 
+// Whether few-row products round the activations to int8 (kernels.h): BONSAI_QMM_ACTIVATIONS=float at start-up or
+// set_activations("float") turns it off (the exact float kernels, e.g. to compare).
+std::atomic<bool>& int8_on() {
+  static std::atomic<bool> on{[] {
+    const char* e = std::getenv("BONSAI_QMM_ACTIVATIONS");
+    return !(e && std::string(e) == "float");
+  }()};
+  return on;
+}
+
+// The int8-activation kernel of this CPU for `bits`-bit weights, or nullptr (none here, or turned off): few-row
+// products then use row_kernel(). 4-bit weights only: there the rounding moves a tiny student's next-token
+// log-probabilities by ~1/20 of what quantizing the weights does (tests/test_qmm.py); with 8-bit weights it would
+// move them about as much as the weights' own quantization, and the float kernel is already near the memory
+// ceiling there (`python bench/cpu_inference.py`).
+RowKernel q8_kernel(int bits = 4) {
+  if (bits != 4 || !int8_on().load(std::memory_order_relaxed)) return nullptr;
+#if defined(__x86_64__) || defined(_M_X64)
+  if (row_kernel() == rows_avx2) return rows_q8_avx2;
+#endif
+  return nullptr;
+}
+
 void check_inputs(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
                   int group_size, int bits, bool transpose) {
   if (bits != 4 && bits != 8) throw std::invalid_argument("[bonsai.quantized_matmul] bits must be 4 or 8");
@@ -125,6 +149,13 @@ std::string kernel_isa() {
 }
 
 int num_threads() { return pool().size(); }
+std::string activations() { return q8_kernel() ? "int8" : "float"; }
+void set_activations(const std::string& kind) {
+  if (kind != "int8" && kind != "float")
+    throw std::invalid_argument("[bonsai.set_activations] expected \"int8\" or \"float\", got \"" + kind + "\"");
+  int8_on().store(kind == "int8");
+}
+int int8_rows() { return q8_kernel() ? many_rows() : 0; }
 void set_num_threads(int n) { pool().resize(n); }
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
@@ -190,25 +221,41 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     const float* bp = row_major(biases, bb);
     const int G = K / gs;
     if (transpose && M < many_rows()) {
-      // few rows: per-group sums of x (and the 4-bit chunk order), then the row kernel over output slices
-      std::vector<float> xsum(static_cast<size_t>(M) * G), xperm;
+      // few rows: per-group sums of x, then the int8 activations (q8 kernels) or the 4-bit chunk order (float
+      // kernels), then the row kernel over output slices
+      std::vector<float> xsum(static_cast<size_t>(M) * G), xperm, xd, xdsum;
+      std::vector<int8_t> xq, xqp;
       for (int m = 0; m < M; ++m)
         for (int g = 0; g < G; ++g) {
           float s = 0.0f;
           for (int k = g * gs; k < (g + 1) * gs; ++k) s += xp[static_cast<int64_t>(m) * K + k];
           xsum[static_cast<size_t>(m) * G + g] = s;
         }
-      if (bits == 4) {
-        xperm.resize(static_cast<size_t>(M) * K);
-        for (int m = 0; m < M; ++m)
-          for (int c = 0; c < K; c += 32)
-            for (int i = 0; i < 16; ++i) {
-              xperm[static_cast<size_t>(m) * K + c + i] = xp[static_cast<int64_t>(m) * K + c + 2 * i];
-              xperm[static_cast<size_t>(m) * K + c + 16 + i] = xp[static_cast<int64_t>(m) * K + c + 2 * i + 1];
-            }
+      RowKernel kernel = q8_kernel(bits);
+      QmmArgs a{xp, xp, xsum.data(), wp, sp, bp, yp, M, N, K, gs, bits};
+      if (kernel) {
+        xq.resize(static_cast<size_t>(M) * K);
+        xqp.resize(static_cast<size_t>(M) * K);
+        xd.resize(static_cast<size_t>(M) * (K / 32));
+        xdsum.resize(static_cast<size_t>(M) * G);
+        quantize_activations(xp, M, K, gs, bits, xq.data(), xqp.data(), xd.data(), xdsum.data());
+        a.xq = xq.data();
+        a.xqp = xqp.data();
+        a.xd = xd.data();
+        a.xdsum = xdsum.data();
+      } else {
+        kernel = row_kernel();
+        if (bits == 4) {
+          xperm.resize(static_cast<size_t>(M) * K);
+          for (int m = 0; m < M; ++m)
+            for (int c = 0; c < K; c += 32)
+              for (int i = 0; i < 16; ++i) {
+                xperm[static_cast<size_t>(m) * K + c + i] = xp[static_cast<int64_t>(m) * K + c + 2 * i];
+                xperm[static_cast<size_t>(m) * K + c + 16 + i] = xp[static_cast<int64_t>(m) * K + c + 2 * i + 1];
+              }
+          a.xperm = xperm.data();
+        }
       }
-      QmmArgs a{xp, bits == 4 ? xperm.data() : xp, xsum.data(), wp, sp, bp, yp, M, N, K, gs, bits};
-      RowKernel kernel = row_kernel();
       if (static_cast<int64_t>(N) * K * bits < kSerialBits) {
         kernel(a, 0, N);  // a small product (k_proj, v_proj): waking the pool costs more than it saves
       } else {

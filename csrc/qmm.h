@@ -43,6 +43,11 @@ class QuantizedMatmul : public mx::Primitive {
 // What the kernel runs on this machine: "avx2+fma", "neon" or "portable", and the pool's thread count.
 std::string kernel_isa();
 int num_threads();
+// "int8" where 4-bit products of fewer than int8_rows() rows round the activations to int8 (kernels.h), else
+// "float"
+std::string activations();
+void set_activations(const std::string& kind);  // "int8" (where a kernel exists) or "float"
+int int8_rows();
 void set_num_threads(int n);
 
 }  // namespace bonsai

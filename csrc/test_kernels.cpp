@@ -62,5 +62,46 @@ int main() {
           }
         }
   std::printf("%d of %d cases within 1e-5\n", cases - failures, cases);
+#if defined(__x86_64__) || defined(_M_X64)
+  // the int8-activation kernels (4-bit weights): AVX2 against the portable one on the same int8 activations, K with
+  // an even and an odd number of 32-blocks
+  int q8_failures = 0, q8_cases = 0;
+  for (int gs : {32, 64, 128})
+    for (int K : {384, 416})
+      for (int M : {1, 2, 3, 5})
+        for (int N : {1, 7, 33}) {
+          if (K % gs) continue;
+          const int bits = 4, G = K / gs, words = K * bits / 32;
+          std::vector<uint32_t> w(static_cast<size_t>(N) * words);
+          for (auto& v : w) v = rng();
+          std::vector<float> sc(N * G), bi(N * G), x(M * K), xs(M * G, 0.0f), xd(M * K / 32), xds(M * G);
+          std::vector<float> y0(M * N), y1(M * N);
+          std::vector<int8_t> xq(M * K), xqp(M * K);
+          for (auto& v : sc) v = u(rng);
+          for (auto& v : bi) v = u(rng);
+          for (auto& v : x) v = u(rng);
+          quantize_activations(x.data(), M, K, gs, bits, xq.data(), xqp.data(), xd.data(), xds.data());
+          QmmArgs a{x.data(), x.data(), xs.data(), w.data(), sc.data(), bi.data(), y0.data(), M, N, K, gs, bits};
+          a.xq = xq.data();
+          a.xqp = xqp.data();
+          a.xd = xd.data();
+          a.xdsum = xds.data();
+          rows_q8_portable(a, 0, N);
+          a.y = y1.data();
+          rows_q8_avx2(a, 0, N);
+          float scale = 1e-6f, err = 0.0f;
+          for (int i = 0; i < M * N; ++i) {
+            scale = std::fmax(scale, std::fabs(y0[i]));
+            err = std::fmax(err, std::fabs(y0[i] - y1[i]));
+          }
+          ++q8_cases;
+          if (err > 1e-5f * scale) {
+            ++q8_failures;
+            std::printf("FAIL q8 gs %d K %d M %d N %d: error %g (scale %g)\n", gs, K, M, N, err, scale);
+          }
+        }
+  std::printf("q8: %d of %d cases within 1e-5\n", q8_cases - q8_failures, q8_cases);
+  failures += q8_failures;
+#endif
   return failures ? 1 : 0;
 }

@@ -33,7 +33,8 @@ class ThreadPool {
   void resize(int n) {
     stop();
     quit_ = false;
-    for (int i = 1; i < std::max(n, 1); ++i) workers_.emplace_back([this, i] { loop(i); });
+    const unsigned long now = generation_.load();  // new workers wait for the next call, not the last one again
+    for (int i = 1; i < std::max(n, 1); ++i) workers_.emplace_back([this, i, now] { loop(i, now); });
   }
 
   // spin: whether workers should spin for the next call afterwards (row kernels: yes; before an sgemm: no, its
@@ -67,10 +68,9 @@ class ThreadPool {
   }
 
  private:
-  static constexpr int kSpins = 20000;  // ~50 µs of pause instructions
+  static constexpr int kSpins = 400000;  // ~50 µs of pause instructions
 
-  void loop(int index) {
-    unsigned long seen = 0;
+  void loop(int index, unsigned long seen) {
     for (;;) {
       int spin = spin_.load(std::memory_order_acquire) ? 0 : kSpins;
       while (generation_.load(std::memory_order_acquire) == seen && !quit_.load(std::memory_order_acquire)) {

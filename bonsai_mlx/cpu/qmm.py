@@ -49,7 +49,26 @@ def status() -> str:
     mod, why = _load()
     if mod is None:
         return f"MLX's own (bonsai kernel {why})"
-    return f"bonsai {mod.kernel_isa()} kernel, {mod.num_threads()} threads"
+    acts = (f"4-bit: int8 activations below {mod.int8_rows()} rows" if mod.activations() == "int8"
+            else "float activations")
+    return f"bonsai {mod.kernel_isa()} kernel ({acts}), {mod.num_threads()} threads"
+
+
+def set_activations(kind: str) -> None:
+    """"int8" (the default where this CPU has an int8 kernel) or "float" (exact to float32 rounding) for the few-row
+    4-bit products from now on; as BONSAI_QMM_ACTIVATIONS at start-up."""
+    mod = _load()[0]
+    if mod is not None:
+        mod.set_activations(kind)
+
+
+def int8_rows() -> int:
+    """4-bit products with fewer rows than this round the activations to int8 (csrc/kernels.h states the bound;
+    8-bit products never do: csrc/qmm.cpp says why); 0 when
+    every product is exact to float32 rounding (no int8 kernel for this CPU, BONSAI_QMM_ACTIVATIONS=float, or the
+    extension unavailable)."""
+    mod = _load()[0]
+    return mod.int8_rows() if mod is not None else 0
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, transpose: bool = True):
