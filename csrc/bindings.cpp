@@ -3,6 +3,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/variant.h>
 
+#include "fused.h"
 #include "qmm.h"
 
 namespace nb = nanobind;
@@ -13,6 +14,12 @@ NB_MODULE(_qmm, m) {
   m.def("quantized_matmul", &bonsai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "transpose"_a = true,
         "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
         "x @ dequantize(w).T (transpose) or x @ dequantize(w), float32, as mx.quantized_matmul computes it.");
+  m.def("rms_norm", &bonsai::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "mx.fast.rms_norm as one CPU op (float32, no vjp).");
+  m.def("rope", &bonsai::rope, "x"_a, "traditional"_a, "base"_a, "scale"_a, "offset"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "mx.fast.rope over the whole last axis as one CPU op (float32, no vjp).");
+  m.def("attend_one", &bonsai::attend_one, "q"_a, "keys"_a, "values"_a, "scale"_a, nb::kw_only(),
+        "stream"_a = nb::none(), "softmax(scale q·Kᵀ)·V for one query position, GQA, as one CPU op (no vjp).");
   m.def("kernel_isa", &bonsai::kernel_isa, "The row kernel in use: avx2+fma, neon or portable.");
   m.def("activations", &bonsai::activations,
         "int8: 4-bit products of fewer than int8_rows() rows round the activations to int8 per block of 32; "

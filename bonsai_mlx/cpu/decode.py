@@ -33,6 +33,11 @@ def decoding():
         _DECODING.reset(token)
 
 
+def decoding_active() -> bool:
+    """Whether this thread / task is inside `decoding()`."""
+    return _DECODING.get()
+
+
 def gemv(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None) -> Optional[mx.array]:
     """x @ weight.T (+ bias) for a single row x [..., K] (weight [N, K]) by cblas_sgemv inside `decoding()`, or None
     where that does not apply (the caller then uses MLX's matmul)."""

@@ -10,12 +10,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .activations import fast_gelu_tanh, fast_swiglu
+from . import fused
 from .attention import sdpa
 from .device import fast_ok
 
 
 class CPUAttention(nn.Module):
-    """Stands in for mlx-lm's Qwen2 / Llama `Attention` (same weights and names): its `__call__`, with `sdpa`."""
+    """Stands in for mlx-lm's Qwen2 / Llama `Attention` (same weights and names): its `__call__`, with `sdpa`, and
+    inside `decoding()` with fused.py's one-op rotations and attention."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
         # mlx_lm.models.qwen2.Attention.__call__, with the attention call swapped
@@ -24,7 +26,19 @@ class CPUAttention(nn.Module):
         queries = queries.reshape(B, L, self.n_heads, -1).transpose(0, 2, 1, 3)  # [B, H, L, Dh]
         keys = keys.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)  # [B, Hk, L, Dh]
         values = values.reshape(B, L, self.n_kv_heads, -1).transpose(0, 2, 1, 3)
-        if cache is not None:
+        if cache is not None and L == 1 and mask is None and not hasattr(cache, "bits"):
+            # a decode step: one CPU op each for the rotations and the attention where fused.py applies
+            q1, k1 = fused.rope(queries, self.rope, cache.offset), fused.rope(keys, self.rope, cache.offset)
+            if q1 is not None and k1 is not None:
+                keys, values = cache.update_and_fetch(k1, values)
+                out = fused.attend_one(q1, keys, values, self.scale)
+                if out is not None:
+                    return self.o_proj(out.transpose(0, 2, 1, 3).reshape(B, L, -1))
+                queries = q1
+            else:
+                queries = self.rope(queries, offset=cache.offset)
+                keys, values = cache.update_and_fetch(self.rope(keys, offset=cache.offset), values)
+        elif cache is not None:
             queries = self.rope(queries, offset=cache.offset)
             keys = self.rope(keys, offset=cache.offset)
             keys, values = cache.update_and_fetch(keys, values)

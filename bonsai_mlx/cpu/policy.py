@@ -7,6 +7,8 @@ Called once where a model is loaded (`io.load_model`, after any quantization). O
    - the LM's mlx-lm `Attention` / `MLP` (Qwen2, Llama) → `layers.CPUAttention` / `layers.CPUSwiGLUMLP`;
    - the LM's `nn.Linear` → `decode.CPULinear` and its `nn.Embedding` → `decode.CPUTiedHead` (decode GEMV, sliced
      head); `nn.QuantizedLinear` / `nn.QuantizedEmbedding` → `quantized.CPUQuantized*` (many rows dequantized);
+     `nn.RMSNorm` → `fused.CPURMSNorm` (one op per decode-step norm; the attention's decode step, above, uses
+     fused.py's rotations and attention too);
    - the vision tower's `Attention` / `MLP` → `layers.CPUVisionAttention` / `layers.CPUVisionMLP`;
 3. keeps 1 GB of freed MLX buffers for reuse (the default 32 MB made each prefill page-fault its activations in
    again: `python bench/cpu_prefill.py`, minor faults per prefill 12,698 → 10, median 1.62 → 1.39 s).
@@ -28,6 +30,7 @@ from mlx.utils import tree_flatten
 
 from .decode import CPULinear, CPUTiedHead
 from .device import on_cpu
+from .fused import CPURMSNorm
 from .layers import CPUAttention, CPUSwiGLUMLP, CPUVisionAttention, CPUVisionMLP
 from .quantized import CPUQuantizedEmbedding, CPUQuantizedLinear
 
@@ -42,7 +45,7 @@ _LM_SWAPS = {  # class name → (stand-in, the children it must have)
 }
 # exact classes → stand-ins (subclasses of them, so isinstance checks and the weights stay as they were)
 _EXACT = {nn.Linear: CPULinear, nn.Embedding: CPUTiedHead, nn.QuantizedLinear: CPUQuantizedLinear,
-          nn.QuantizedEmbedding: CPUQuantizedEmbedding}
+          nn.QuantizedEmbedding: CPUQuantizedEmbedding, nn.RMSNorm: CPURMSNorm}
 
 
 def policy_enabled() -> bool:

@@ -40,6 +40,11 @@ def _load():
     return _qmm, None
 
 
+def extension():
+    """The compiled module (also home of fused.py's ops), or None where it is unavailable."""
+    return _load()[0]
+
+
 def available() -> bool:
     return _load()[0] is not None
 

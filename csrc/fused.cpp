@@ -1,0 +1,192 @@
+// Decode-step operations as single MLX primitives on the CPU (bonsai_mlx/cpu/fused.py is the Python side).
+//
+// On the CPU, mx.fast.rms_norm and mx.fast.rope run MLX's fallback graphs (mlx/fast.cpp: ~6 and ~15 ordinary ops),
+// and mlx-lm's attention for one query several more: at one token each op costs more to schedule than to compute
+// (a real-size 4-bit decode step spent ~20 ms of ~40 outside its products, `python bench/cpu_decode_ops.py`). These
+// do the same arithmetic in one op each, float32, for inference only (no vjp: fused.py uses them inside
+// `decoding()`, where nothing is differentiated).
+#include "fused.h"
+
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/backend/cpu/encoder.h"
+
+namespace bonsai {
+
+namespace {
+void check_f32_contiguous(const mx::array& a, const char* what) {
+  if (a.dtype() != mx::float32) throw std::invalid_argument(std::string("[bonsai.fused] ") + what + " must be float32");
+}
+
+// Inputs are made row-contiguous when the graph is built (a no-op for the common, already contiguous case).
+mx::array contiguous(const mx::array& a, mx::StreamOrDevice s) { return mx::contiguous(a, false, s); }
+}  // namespace
+
+// --- RMSNorm: y = x * rsqrt(mean(x^2) + eps) * w over the last axis (mx.fast.rms_norm's arithmetic) ---------------
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::StreamOrDevice s) {
+  check_f32_contiguous(x, "x");
+  check_f32_contiguous(w, "weight");
+  if (w.ndim() != 1 || x.ndim() < 1 || w.shape(0) != x.shape(-1))
+    throw std::invalid_argument("[bonsai.rms_norm] weight must be [D] for x [..., D]");
+  auto st = mx::to_stream(s);
+  return mx::array(x.shape(), mx::float32, std::make_shared<RMSNorm1>(st, eps),
+                   {contiguous(x, st), contiguous(w, st)});
+}
+
+void RMSNorm1::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& x = inputs[0];
+  const auto& w = inputs[1];
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(x);
+  enc.set_input_array(w);
+  enc.set_output_array(out);
+  const int D = x.shape(-1);
+  const int64_t rows = D ? static_cast<int64_t>(x.size() / D) : 0;
+  enc.dispatch([xp = x.data<float>(), wp = w.data<float>(), yp = out.data<float>(), D, rows, eps = eps_]() {
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* xr = xp + r * D;
+      float* yr = yp + r * D;
+      float ss = 0.0f;
+      for (int i = 0; i < D; ++i) ss += xr[i] * xr[i];
+      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
+      for (int i = 0; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
+    }
+  });
+}
+
+bool RMSNorm1::is_equivalent(const mx::Primitive& other) const {
+  return eps_ == static_cast<const RMSNorm1&>(other).eps_;
+}
+
+// --- RoPE over the whole last axis at positions offset + l (mx.fast.rope with dims = D, scale, base) --------------
+mx::array rope(const mx::array& x, bool traditional, float base, float scale, int offset, mx::StreamOrDevice s) {
+  check_f32_contiguous(x, "x");
+  if (x.ndim() < 2 || x.shape(-1) % 2)
+    throw std::invalid_argument("[bonsai.rope] x must be [..., L, D] with D even");
+  auto st = mx::to_stream(s);
+  return mx::array(x.shape(), mx::float32, std::make_shared<RoPE1>(st, traditional, base, scale, offset),
+                   {contiguous(x, st)});
+}
+
+void RoPE1::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& x = inputs[0];
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(x);
+  enc.set_output_array(out);
+  const int D = x.shape(-1), L = x.shape(-2);
+  const int64_t planes = x.size() / (static_cast<int64_t>(L) * D);
+  enc.dispatch([xp = x.data<float>(), yp = out.data<float>(), D, L, planes, trad = traditional_, base = base_,
+                scale = scale_, offset = offset_]() {
+    const int half = D / 2;
+    // the angles in double precision: theta = scale * position * base^(-i / half). In float32 (MLX's fallback,
+    // transformers' inv_freq) one ulp of the frequency is ~1e-3 rad at position 30,000; here cos/sin are exact to
+    // float32 rounding, and differ from MLX's by MLX's own rounding (tests/test_fused.py).
+    std::vector<float> cs(static_cast<size_t>(L) * half), sn(static_cast<size_t>(L) * half);
+    for (int l = 0; l < L; ++l) {
+      const double pos = static_cast<double>(scale) * static_cast<double>(offset + l);
+      for (int i = 0; i < half; ++i) {
+        const double theta = pos * std::pow(static_cast<double>(base), -static_cast<double>(i) / half);
+        cs[static_cast<size_t>(l) * half + i] = static_cast<float>(std::cos(theta));
+        sn[static_cast<size_t>(l) * half + i] = static_cast<float>(std::sin(theta));
+      }
+    }
+    for (int64_t p = 0; p < planes; ++p)
+      for (int l = 0; l < L; ++l) {
+        const float* xr = xp + (p * L + l) * D;
+        float* yr = yp + (p * L + l) * D;
+        const float* c = cs.data() + static_cast<size_t>(l) * half;
+        const float* s = sn.data() + static_cast<size_t>(l) * half;
+        if (trad) {  // pairs (2i, 2i+1)
+          for (int i = 0; i < half; ++i) {
+            const float a = xr[2 * i], b = xr[2 * i + 1];
+            yr[2 * i] = a * c[i] - b * s[i];
+            yr[2 * i + 1] = a * s[i] + b * c[i];
+          }
+        } else {  // halves (i, i + D/2)
+          for (int i = 0; i < half; ++i) {
+            const float a = xr[i], b = xr[i + half];
+            yr[i] = a * c[i] - b * s[i];
+            yr[i + half] = a * s[i] + b * c[i];
+          }
+        }
+      }
+  });
+}
+
+bool RoPE1::is_equivalent(const mx::Primitive& other) const {
+  const auto& o = static_cast<const RoPE1&>(other);
+  return traditional_ == o.traditional_ && base_ == o.base_ && scale_ == o.scale_ && offset_ == o.offset_;
+}
+
+// --- attention of one query position: softmax(scale * q·Kᵀ)·V, q [B, H, 1, D], K/V [B, Hk, S, D] (GQA) ----------
+mx::array attend_one(const mx::array& q, const mx::array& k, const mx::array& v, float scale, mx::StreamOrDevice s) {
+  check_f32_contiguous(q, "q");
+  check_f32_contiguous(k, "keys");
+  check_f32_contiguous(v, "values");
+  if (q.ndim() != 4 || k.ndim() != 4 || v.shape() != k.shape() || q.shape(2) != 1 || q.shape(0) != k.shape(0) ||
+      q.shape(3) != k.shape(3) || k.shape(1) == 0 || q.shape(1) % k.shape(1))
+    throw std::invalid_argument("[bonsai.attend_one] expected q [B, H, 1, D] and keys/values [B, Hk, S, D], H % Hk == 0");
+  auto st = mx::to_stream(s);
+  // the cache's keys/values are usually a view [.., :S, :] of a larger buffer: strided rows are read in place
+  return mx::array(q.shape(), mx::float32, std::make_shared<AttendOne>(st, scale), {contiguous(q, st), k, v});
+}
+
+void AttendOne::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
+  const auto& q = inputs[0];
+  const auto& k = inputs[1];
+  const auto& v = inputs[2];
+  auto& out = outputs[0];
+  out.set_data(mx::allocator::malloc(out.nbytes()));
+  auto& enc = mx::cpu::get_command_encoder(stream());
+  enc.set_input_array(q);
+  enc.set_input_array(k);
+  enc.set_input_array(v);
+  enc.set_output_array(out);
+  const int B = q.shape(0), H = q.shape(1), D = q.shape(3), Hk = k.shape(1), S = k.shape(2);
+  const auto ks = k.strides(), vs = v.strides();
+  if (ks[3] != 1 || vs[3] != 1) throw std::invalid_argument("[bonsai.attend_one] keys/values rows must be contiguous");
+  enc.dispatch([qp = q.data<float>(), kp = k.data<float>(), vp = v.data<float>(), yp = out.data<float>(), B, H, D,
+                Hk, S, ks, vs, scale = scale_]() {
+    std::vector<float> p(S);
+    const int g = H / Hk;
+    for (int b = 0; b < B; ++b)
+      for (int h = 0; h < H; ++h) {
+        const float* qr = qp + (static_cast<int64_t>(b) * H + h) * D;
+        const float* kb = kp + b * ks[0] + (h / g) * ks[1];
+        const float* vb = vp + b * vs[0] + (h / g) * vs[1];
+        float mx_ = -INFINITY;
+        for (int j = 0; j < S; ++j) {
+          const float* kr = kb + j * ks[2];
+          float d = 0.0f;
+          for (int i = 0; i < D; ++i) d += qr[i] * kr[i];
+          p[j] = d * scale;
+          mx_ = std::max(mx_, p[j]);
+        }
+        float sum = 0.0f;
+        for (int j = 0; j < S; ++j) {
+          p[j] = std::exp(p[j] - mx_);
+          sum += p[j];
+        }
+        float* yr = yp + (static_cast<int64_t>(b) * H + h) * D;
+        std::fill(yr, yr + D, 0.0f);
+        for (int j = 0; j < S; ++j) {
+          const float* vr = vb + j * vs[2];
+          const float pj = p[j] / sum;
+          for (int i = 0; i < D; ++i) yr[i] += pj * vr[i];
+        }
+      }
+  });
+}
+
+bool AttendOne::is_equivalent(const mx::Primitive& other) const {
+  return scale_ == static_cast<const AttendOne&>(other).scale_;
+}
+
+}  // namespace bonsai
