@@ -9,8 +9,8 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
-from .activations import fast_gelu_tanh, fast_swiglu
 from . import fused
+from .activations import fast_gelu_tanh, fast_swiglu
 from .attention import sdpa
 from .device import fast_ok
 
