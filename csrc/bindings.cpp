@@ -1,6 +1,7 @@
 // Python bindings of the quantized matmul (bonsai_mlx/cpu/qmm.py is the Python side).
 #include <nanobind/nanobind.h>
 #include <nanobind/stl/string.h>
+#include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
 
 #include "fused.h"
@@ -12,7 +13,7 @@ using namespace nb::literals;
 NB_MODULE(_qmm, m) {
   m.doc() = "bonsai-mlx: vectorized quantized matmul for MLX's affine format on the CPU";
   m.def("quantized_matmul", &bonsai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "transpose"_a = true,
-        "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "stream"_a = nb::none(),
+        "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "bias"_a = nb::none(), "stream"_a = nb::none(),
         "x @ dequantize(w).T (transpose) or x @ dequantize(w), float32, as mx.quantized_matmul computes it.");
   m.def("rms_norm", &bonsai::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "mx.fast.rms_norm as one CPU op (float32, no vjp).");
@@ -20,6 +21,8 @@ NB_MODULE(_qmm, m) {
         "stream"_a = nb::none(), "mx.fast.rope over the whole last axis as one CPU op (float32, no vjp).");
   m.def("attend_one", &bonsai::attend_one, "q"_a, "keys"_a, "values"_a, "scale"_a, nb::kw_only(),
         "stream"_a = nb::none(), "softmax(scale q·Kᵀ)·V for one query position, GQA, as one CPU op (no vjp).");
+  m.def("swiglu", &bonsai::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
+        "silu(gate) * up as one CPU op (float32, no vjp).");
   m.def("kernel_isa", &bonsai::kernel_isa, "The row kernel in use: avx2+fma, neon or portable.");
   m.def("activations", &bonsai::activations,
         "int8: 4-bit products of fewer than int8_rows() rows round the activations to int8 per block of 32; "

@@ -1,4 +1,5 @@
-// Decode-step operations as single CPU primitives (fused.cpp says why): RMSNorm, RoPE, one-query attention.
+// Decode-step operations as single CPU primitives (fused.cpp says why): RMSNorm, RoPE, one-query attention,
+// SwiGLU.
 #pragma once
 
 #include "mlx/ops.h"
@@ -12,6 +13,7 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps, mx::Stream
 mx::array rope(const mx::array& x, bool traditional, float base, float scale, int offset, mx::StreamOrDevice s = {});
 mx::array attend_one(const mx::array& q, const mx::array& k, const mx::array& v, float scale,
                      mx::StreamOrDevice s = {});
+mx::array swiglu(const mx::array& g, const mx::array& u, mx::StreamOrDevice s = {});
 
 // CPU only, float32, no vjp (inference): eval_gpu throws.
 #define BONSAI_CPU_PRIMITIVE(NAME)                                                                              \
@@ -51,6 +53,12 @@ class AttendOne : public mx::Primitive {
 
  private:
   float scale_;
+};
+
+class SwiGLU1 : public mx::Primitive {
+ public:
+  explicit SwiGLU1(mx::Stream stream) : mx::Primitive(stream) {}
+  BONSAI_CPU_PRIMITIVE("SwiGLU")
 };
 
 #undef BONSAI_CPU_PRIMITIVE

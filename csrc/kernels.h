@@ -46,6 +46,7 @@ void rows_q8_portable(const QmmArgs& a, int n0, int n1);
 #if defined(__x86_64__) || defined(_M_X64)
 void rows_avx2(const QmmArgs& a, int n0, int n1);  // compiled for AVX2+FMA, called only where the CPU has them
 void rows_q8_avx2(const QmmArgs& a, int n0, int n1);
+void rows_q8_avx512(const QmmArgs& a, int n0, int n1);  // AVX-512 F/BW/VL/VNNI: 4-bit only
 #endif
 
 // dequantize rows [n0, n1) of w into out[(n - n0) * K + k]

@@ -10,11 +10,13 @@
 #include <sched.h>
 #endif
 #include <memory>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 #include <vector>
 
 #include "kernels.h"
+#include "strided.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "threadpool.h"
 
@@ -85,6 +87,19 @@ RowKernel row_kernel() {
   return rows_portable;
 }
 
+#if defined(__x86_64__) || defined(_M_X64)
+// AVX-512 with VNNI (kernels_avx512.cpp), unless BONSAI_QMM_AVX512=off
+bool avx512_vnni() {
+  static const bool on = [] {
+    const char* e = std::getenv("BONSAI_QMM_AVX512");
+    if (e && std::string(e) == "off") return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }();
+  return on;
+}
+#endif
+
 // Whether few-row products round the activations to int8 (kernels.h): BONSAI_QMM_ACTIVATIONS=float at start-up or
 // set_activations("float") turns it off (the exact float kernels, e.g. to compare).
 std::atomic<bool>& int8_on() {
@@ -103,7 +118,7 @@ std::atomic<bool>& int8_on() {
 RowKernel q8_kernel(int bits = 4) {
   if (bits != 4 || !int8_on().load(std::memory_order_relaxed)) return nullptr;
 #if defined(__x86_64__) || defined(_M_X64)
-  if (row_kernel() == rows_avx2) return rows_q8_avx2;
+  if (row_kernel() == rows_avx2) return avx512_vnni() ? rows_q8_avx512 : rows_q8_avx2;
 #endif
   return nullptr;
 }
@@ -140,7 +155,7 @@ DequantKernel dequant_kernel() {
 std::string kernel_isa() {
   auto k = row_kernel();
 #if defined(__x86_64__) || defined(_M_X64)
-  if (k == rows_avx2) return "avx2+fma";
+  if (k == rows_avx2) return avx512_vnni() && q8_kernel() ? "avx2+fma / avx512-vnni" : "avx2+fma";
 #endif
 #if defined(__aarch64__)
   if (k == rows_neon) return "neon";
@@ -159,7 +174,8 @@ int int8_rows() { return q8_kernel() ? many_rows() : 0; }
 void set_num_threads(int n) { pool().resize(n); }
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
-                           bool transpose, int group_size, int bits, mx::StreamOrDevice s) {
+                           bool transpose, int group_size, int bits, const std::optional<mx::array>& bias,
+                           mx::StreamOrDevice s) {
   check_inputs(x, w, scales, biases, group_size, bits, transpose);
   auto st = mx::to_stream(s);
   const int N = w.shape(0), K = w.shape(1) * 32 / bits;
@@ -169,30 +185,14 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
   // strided inputs are gathered inside eval_cpu
   auto f32 = [&](const mx::array& a) { return a.dtype() == mx::float32 ? a : mx::astype(a, mx::float32, st); };
   std::vector<mx::array> inputs = {f32(x), w, f32(scales), f32(biases)};
+  if (bias) {  // the layer's own bias, added inside the task (one graph node fewer per product)
+    if (!transpose || bias->ndim() != 1 || bias->shape(0) != N)
+      throw std::invalid_argument("[bonsai.quantized_matmul] bias must be [N], with transpose=True");
+    inputs.push_back(f32(*bias));
+  }
   return mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(st, group_size, bits, transpose), inputs);
 }
 
-namespace {
-// A row-major copy of a strided array (a transposed or sliced view), made inside the task.
-template <typename T>
-const T* row_major(const mx::array& a, std::vector<T>& buf) {
-  if (a.flags().row_contiguous) return a.data<T>();
-  buf.resize(a.size());
-  const T* src = a.data<T>();
-  const int nd = static_cast<int>(a.ndim());
-  std::vector<int64_t> idx(nd, 0);
-  for (size_t i = 0; i < a.size(); ++i) {
-    int64_t off = 0;
-    for (int d = 0; d < nd; ++d) off += idx[d] * a.strides()[d];
-    buf[i] = src[off];
-    for (int d = nd - 1; d >= 0; --d) {
-      if (++idx[d] < a.shape(d)) break;
-      idx[d] = 0;
-    }
-  }
-  return buf.data();
-}
-}  // namespace
 
 void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) {
   const auto& x = inputs[0];
@@ -206,13 +206,31 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   enc.set_input_array(w);
   enc.set_input_array(scales);
   enc.set_input_array(biases);
+  const bool has_bias = inputs.size() > 4;
+  if (has_bias) enc.set_input_array(inputs[4]);
   enc.set_output_array(out);
   const int bits = bits_, gs = group_size_;
   const int N = w.shape(0), K = w.shape(1) * 32 / bits;
   const int inner = transpose_ ? K : N;
   const int M = static_cast<int>(x.size() / std::max(inner, 1));
-  enc.dispatch([x, w, scales, biases, yp = out.data<float>(), M, N, K, gs, bits, transpose = transpose_]() {
+  const mx::array bias = has_bias ? inputs[4] : x;  // x: a placeholder, unused without a bias
+  enc.dispatch([x, w, scales, biases, bias, has_bias, yp = out.data<float>(), M, N, K, gs, bits,
+                transpose = transpose_]() {
     if (M == 0) return;
+    product(x, w, scales, biases, yp, M, N, K, gs, bits, transpose);
+    if (has_bias) {
+      std::vector<float> bb;
+      const float* b = row_major(bias, bb);
+      for (int64_t m = 0; m < M; ++m)
+        for (int n = 0; n < N; ++n) yp[m * N + n] += b[n];
+    }
+  });
+}
+
+void QuantizedMatmul::product(const mx::array& x, const mx::array& w, const mx::array& scales,
+                              const mx::array& biases, float* yp, int M, int N, int K, int gs, int bits,
+                              bool transpose) {
+  {
     std::vector<float> xb, sb, bb;
     std::vector<uint32_t> wb;
     const float* xp = row_major(x, xb);
@@ -223,16 +241,10 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
     if (transpose && M < many_rows()) {
       // few rows: per-group sums of x, then the int8 activations (q8 kernels) or the 4-bit chunk order (float
       // kernels), then the row kernel over output slices
-      std::vector<float> xsum(static_cast<size_t>(M) * G), xperm, xd, xdsum;
+      std::vector<float> xsum, xperm, xd, xdsum;
       std::vector<int8_t> xq, xqp;
-      for (int m = 0; m < M; ++m)
-        for (int g = 0; g < G; ++g) {
-          float s = 0.0f;
-          for (int k = g * gs; k < (g + 1) * gs; ++k) s += xp[static_cast<int64_t>(m) * K + k];
-          xsum[static_cast<size_t>(m) * G + g] = s;
-        }
       RowKernel kernel = q8_kernel(bits);
-      QmmArgs a{xp, xp, xsum.data(), wp, sp, bp, yp, M, N, K, gs, bits};
+      QmmArgs a{xp, xp, nullptr, wp, sp, bp, yp, M, N, K, gs, bits};
       if (kernel) {
         xq.resize(static_cast<size_t>(M) * K);
         xqp.resize(static_cast<size_t>(M) * K);
@@ -245,6 +257,14 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
         a.xdsum = xdsum.data();
       } else {
         kernel = row_kernel();
+        xsum.resize(static_cast<size_t>(M) * G);
+        for (int m = 0; m < M; ++m)
+          for (int g = 0; g < G; ++g) {
+            float s = 0.0f;
+            for (int k = g * gs; k < (g + 1) * gs; ++k) s += xp[static_cast<int64_t>(m) * K + k];
+            xsum[static_cast<size_t>(m) * G + g] = s;
+          }
+        a.xsum = xsum.data();
         if (bits == 4) {
           xperm.resize(static_cast<size_t>(M) * K);
           for (int m = 0; m < M; ++m)
@@ -279,7 +299,7 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
                     K);
       }
     }
-  });
+  }
 }
 
 void QuantizedMatmul::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
@@ -291,11 +311,17 @@ std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primal
                                             const std::vector<int>& argnums, const std::vector<mx::array>&) {
   std::vector<mx::array> out;
   for (int arg : argnums) {
+    if (arg == 4) {  // the layer's bias: the cotangent summed over every axis but the last
+      std::vector<int> axes(cotangents[0].ndim() - 1);
+      for (size_t i = 0; i < axes.size(); ++i) axes[i] = static_cast<int>(i);
+      out.push_back(mx::sum(cotangents[0], axes, false, stream()));
+      continue;
+    }
     if (arg != 0)
       throw std::invalid_argument("[bonsai.quantized_matmul] gradients only for the input (the weights are frozen)");
     // d/dx of x @ W^T is cot @ W, and of x @ W is cot @ W^T: the same primitive, transposed the other way
     out.push_back(quantized_matmul(cotangents[0], primals[1], primals[2], primals[3], !transpose_, group_size_, bits_,
-                                   stream()));
+                                   std::nullopt, stream()));
   }
   return out;
 }

@@ -9,6 +9,8 @@
 //     library the process loaded), never a full dequantized copy of the layer.
 #pragma once
 
+#include <optional>
+
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
 
@@ -17,9 +19,10 @@ namespace mx = mlx::core;
 namespace bonsai {
 
 // y = x @ dequantize(w).T (transpose) or x @ dequantize(w) (not transpose), x float32.
+// bias: the layer's own [N] bias, added in the same op (transpose only).
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, bool transpose, int group_size, int bits,
-                           mx::StreamOrDevice s = {});
+                           const std::optional<mx::array>& bias = std::nullopt, mx::StreamOrDevice s = {});
 
 class QuantizedMatmul : public mx::Primitive {
  public:
@@ -35,6 +38,9 @@ class QuantizedMatmul : public mx::Primitive {
   bool is_equivalent(const mx::Primitive& other) const override;
 
  private:
+  // y [M, N or K] = x @ dequantize(w).T (or x @ dequantize(w)), on the calling thread and the pool
+  static void product(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                      float* yp, int M, int N, int K, int gs, int bits, bool transpose);
   int group_size_;
   int bits_;
   bool transpose_;

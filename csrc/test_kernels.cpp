@@ -1,6 +1,7 @@
 // Standalone check of the vectorized row and dequantize kernels against the portable ones (no MLX needed), so the
 // NEON kernels can be checked on x86 under qemu: tests/test_qmm.py builds and runs this.
-//   g++ -O2 [-mavx2 -mfma] test_kernels.cpp kernels_portable.cpp kernels_{avx2,neon}.cpp -o t && ./t
+//   g++ -O2 [-mavx2 -mfma] test_kernels.cpp kernels_portable.cpp kernels_{avx2,neon}.cpp [kernels_avx512.o] -o t
+// (x86: kernels_avx512.cpp compiled on its own with -mavx512f -mavx512bw -mavx512vl -mavx512vnni -mfma -c)
 #include <cmath>
 #include <cstdio>
 #include <random>
@@ -65,9 +66,11 @@ int main() {
 #if defined(__x86_64__) || defined(_M_X64)
   // the int8-activation kernels (4-bit weights): AVX2 against the portable one on the same int8 activations, K with
   // an even and an odd number of 32-blocks
-  int q8_failures = 0, q8_cases = 0;
+  int q8_failures = 0, q8_cases = 0, v_failures = 0, v_cases = 0;
+  const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
   for (int gs : {32, 64, 128})
-    for (int K : {384, 416})
+    for (int K : {384, 416, 448})
       for (int M : {1, 2, 3, 5})
         for (int N : {1, 7, 33}) {
           if (K % gs) continue;
@@ -99,9 +102,20 @@ int main() {
             ++q8_failures;
             std::printf("FAIL q8 gs %d K %d M %d N %d: error %g (scale %g)\n", gs, K, M, N, err, scale);
           }
+          if (!avx512) continue;
+          rows_q8_avx512(a, 0, N);  // into y1 again
+          err = 0.0f;
+          for (int i = 0; i < M * N; ++i) err = std::fmax(err, std::fabs(y0[i] - y1[i]));
+          ++v_cases;
+          if (err > 1e-5f * scale) {
+            ++v_failures;
+            std::printf("FAIL q8 avx512 gs %d K %d M %d N %d: error %g (scale %g)\n", gs, K, M, N, err, scale);
+          }
         }
   std::printf("q8: %d of %d cases within 1e-5\n", q8_cases - q8_failures, q8_cases);
-  failures += q8_failures;
+  if (avx512) std::printf("q8 avx512: %d of %d cases within 1e-5\n", v_cases - v_failures, v_cases);
+  else std::printf("q8 avx512: this CPU has no AVX-512 VNNI\n");
+  failures += q8_failures + v_failures;
 #endif
   return failures ? 1 : 0;
 }

@@ -68,7 +68,7 @@ class ThreadPool {
   }
 
  private:
-  static constexpr int kSpins = 400000;  // ~50 µs of pause instructions
+  static constexpr int kSpins = 20000;  // ~50 µs of pause instructions
 
   void loop(int index, unsigned long seen) {
     for (;;) {

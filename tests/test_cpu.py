@@ -25,7 +25,7 @@ def test_dequantized_prefill_equals_quantized_kernel(tmp_path, tokenizer, monkey
     if path == "bonsai kernel":
         assert qmm.available(), qmm.status()
         real_q = qmm.quantized_matmul
-        monkeypatch.setattr(qmm, "quantized_matmul", lambda *a: calls.append(1) or real_q(*a))
+        monkeypatch.setattr(qmm, "quantized_matmul", lambda *a, **k: calls.append(1) or real_q(*a, **k))
     else:
         monkeypatch.setattr(qmm, "supports", lambda *a, **k: False)
         real = quantized.dequantized_matmul

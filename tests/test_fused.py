@@ -1,4 +1,4 @@
-"""The decode step's one-op CPU RMSNorm, RoPE and attention (csrc/fused.cpp, bonsai_mlx/cpu/fused.py): MLX's results
+"""The decode step's one-op CPU RMSNorm, RoPE, attention and SwiGLU (csrc/fused.cpp, bonsai_mlx/cpu/fused.py): MLX's results
 (RoPE: the exact rotation), used by generate's decode steps only, and the student's greedy ids unchanged."""
 
 import sys
@@ -77,6 +77,14 @@ def test_attend_one_equals_mlx_on_a_cache_view():
             assert got.shape == want.shape and float(mx.abs(got - want).max()) <= 1e-5, (h, hk, s)
 
 
+def test_swiglu_equals_mlx():
+    with decoding():
+        g, u = mx.random.normal((1, 1, 4864)) * 4, mx.random.normal((1, 1, 4864))
+        want = nn.silu(g) * u
+        assert float(mx.abs(fused.swiglu(g, u) - want).max()) <= 1e-6 * float(mx.abs(want).max())
+        assert fused.swiglu(g, u[..., :8]) is None  # shapes differ: MLX's broadcasting ops instead
+
+
 def test_generate_uses_them_and_keeps_the_greedy_ids(tmp_path, tokenizer, monkeypatch):
     from bonsai_mlx.generate import generate
     from bonsai_mlx.io import load
@@ -94,7 +102,7 @@ def test_generate_uses_them_and_keeps_the_greedy_ids(tmp_path, tokenizer, monkey
     monkeypatch.setattr(qmm, "extension", lambda: Recording())
     prompts = ["Describe it.", "What is the answer to this long question about colours and shapes?"]
     with_fused = [generate(model, processor, p, max_tokens=12).token_ids for p in prompts]
-    assert {"rms_norm", "rope", "attend_one"} <= set(calls)
+    assert {"rms_norm", "rope", "attend_one", "swiglu"} <= set(calls)
     monkeypatch.setattr(qmm, "extension", lambda: None)  # unavailable: MLX's ops
     without = [generate(model, processor, p, max_tokens=12).token_ids for p in prompts]
     assert with_fused == without and all(len(t) == 12 for t in with_fused)

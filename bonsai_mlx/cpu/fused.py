@@ -1,4 +1,5 @@
-"""The decode step's small operations as single CPU ops (csrc/fused.cpp): RMSNorm, RoPE, one-query attention.
+"""The decode step's small operations as single CPU ops (csrc/fused.cpp): RMSNorm, RoPE, one-query attention,
+SwiGLU.
 
 On the CPU `mx.fast.rms_norm` and `mx.fast.rope` run MLX's fallback graphs (~6 and ~15 ops) and mlx-lm's attention
 for one query several more; at one token each op costs more to schedule than to compute (`python
@@ -49,6 +50,12 @@ def attend_one(q: mx.array, keys: mx.array, values: mx.array, scale: float, mask
     if ext is None or mask is not None or q.ndim != 4 or q.shape[2] != 1:
         return None
     return ext.attend_one(q, keys, values, scale)
+
+
+def swiglu(gate: mx.array, up: mx.array) -> Optional[mx.array]:
+    """silu(gate) · up (mlx-lm's `swiglu`, exact sigmoid) as one op, or None."""
+    ext = _ext(gate, up)
+    return None if ext is None or gate.shape != up.shape else ext.swiglu(gate, up)
 
 
 class CPURMSNorm(nn.RMSNorm):

@@ -76,9 +76,10 @@ def int8_rows() -> int:
     return mod.int8_rows() if mod is not None else 0
 
 
-def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, transpose: bool = True):
-    """x @ dequantize(w).T (float32), by the compiled kernel; callers check `supports` first."""
-    return _load()[0].quantized_matmul(x, w, scales, biases, transpose, group_size, bits)
+def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, transpose: bool = True, bias=None):
+    """x @ dequantize(w).T (+ bias, the layer's own [N]) in float32, by the compiled kernel; callers check
+    `supports` first."""
+    return _load()[0].quantized_matmul(x, w, scales, biases, transpose, group_size, bits, bias=bias)
 
 
 def supports(x, group_size: int, bits: int, mode: Optional[str] = "affine") -> bool:

@@ -52,24 +52,25 @@ def dequantized_matmul(x, wq, scales, biases, group_size: int, bits: int) -> mx.
     return y
 
 
-def cpu_product(layer, x: mx.array):
-    """x @ W.T of a quantized layer on the CPU's fastest path, or None where MLX's own kernel is the one to run."""
+def cpu_product(layer, x: mx.array, bias=None):
+    """x @ W.T (+ bias) of a quantized layer on the CPU's fastest path, or None where MLX's own kernel is the one to
+    run. The compiled kernel adds the bias in the same op (a decode step has 72 of them: q/k/v in every layer)."""
     mode = getattr(layer, "mode", "affine")
     if qmm.supports(x, layer.group_size, layer.bits, mode):
-        return qmm.quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)
+        return qmm.quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size,
+                                    layer.bits, bias=bias)
     if x.size // x.shape[-1] < PREFILL_ROWS or not on_cpu() or mode != "affine":
         return None
-    return dequantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)
+    y = dequantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)
+    return y if bias is None else y + bias
 
 
 class CPUQuantizedLinear(nn.QuantizedLinear):
     """A QuantizedLinear whose products take `cpu_product` on the CPU."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        y = cpu_product(self, x)
-        if y is None:
-            return super().__call__(x)
-        return y + self["bias"] if "bias" in self else y
+        y = cpu_product(self, x, self["bias"] if "bias" in self else None)
+        return super().__call__(x) if y is None else y
 
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
