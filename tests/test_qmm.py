@@ -97,7 +97,7 @@ def test_the_layer_bias_is_added_in_the_same_op():
         with_bias = qmm.quantized_matmul(x, wq, s, b, 64, 4, bias=bias)
         assert float(mx.abs(with_bias - (qmm.quantized_matmul(x, wq, s, b, 64, 4) + bias)).max()) <= 1e-6
         c = mx.array(rng.standard_normal((2, rows, 45)).astype(np.float32))
-        g = mx.grad(lambda bb: (qmm.quantized_matmul(x, wq, s, b, 64, 4, bias=bb) * c).sum())(bias)
+        g = mx.grad(lambda bb, x=x, c=c: (qmm.quantized_matmul(x, wq, s, b, 64, 4, bias=bb) * c).sum())(bias)
         assert float(mx.abs(g - c.sum(axis=(0, 1))).max()) <= 1e-5
 
 
