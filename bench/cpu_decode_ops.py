@@ -3,10 +3,12 @@ paths, alternating in one process (this shared VM's speed drifts):
 
     python bench/cpu_decode_ops.py [--bits 4] [--rounds 8] [--steps 10] [--context 250]
 
-- "int8 + fused": the default — 4-bit few-row products on the int8-activation kernel (csrc/kernels.h), the step's
-  RMSNorms, RoPEs and attention as single CPU ops (csrc/fused.cpp, bonsai_mlx/cpu/fused.py);
-- "float + fused": the exact float-activation kernel instead (BONSAI_QMM_ACTIVATIONS=float);
-- "int8, MLX ops": MLX's own rms_norm / rope / attention ops (fused.py's functions made unavailable).
+- "default": each transformer block's decode step as one op (csrc/decode_block.cpp, bonsai_mlx/cpu/block.py), its
+  4-bit products on the int8-activation kernel (csrc/kernels.h);
+- "float activations": the same with the exact float-activation kernel (BONSAI_QMM_ACTIVATIONS=float);
+- "op per layer": no block op: mlx-lm's block with one op per RMSNorm / RoPE / attention / SwiGLU (csrc/fused.cpp,
+  bonsai_mlx/cpu/fused.py) and per product;
+- "MLX ops": no block op and MLX's own rms_norm / rope / attention / SwiGLU ops (only the products are bonsai's).
 
 Each round times --steps decode steps per configuration (the LM at a --context-token KV cache, greedy argmax, one
 eval per step as mlx-lm's loop does) and keeps their median; the table gives the median over rounds, and the
@@ -30,7 +32,7 @@ from mlx_lm.models.cache import make_prompt_cache
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import real_size_student  # noqa: E402
 
-from bonsai_mlx.cpu import fused, qmm  # noqa: E402
+from bonsai_mlx.cpu import block, fused, qmm  # noqa: E402
 from bonsai_mlx.cpu.decode import decoding  # noqa: E402
 from bonsai_mlx.doctor import read_bandwidth  # noqa: E402
 
@@ -52,11 +54,12 @@ def main():
     mx.eval(lm(mx.array([[1] * args.context]), cache=cache))
     y = mx.array([[5]])
     bw = read_bandwidth()
-    real_ext = fused._ext
+    real_ext, real_block = fused._ext, block._fused_inputs
 
-    def configure(name):
+    def configure(name):  # the module-level switches these paths read, replaced for the comparison
         qmm.set_activations("float" if name.startswith("float") else "int8")
-        fused._ext = (lambda *xs: None) if "MLX ops" in name else real_ext
+        fused._ext = (lambda *xs: None) if name == "MLX ops" else real_ext
+        block._fused_inputs = real_block if name in ("default", "float activations") else (lambda *a: None)
 
     def step_ms():
         ts = []
@@ -69,7 +72,7 @@ def main():
                 ts.append(time.perf_counter() - t)
         return statistics.median(ts) * 1e3
 
-    names = ["int8 + fused", "float + fused", "int8, MLX ops"]
+    names = ["default", "float activations", "op per layer", "MLX ops"]
     runs = {n: [] for n in names}
     with decoding():
         for _ in range(args.rounds):
@@ -81,10 +84,10 @@ def main():
     ceiling_ms = per_token / (bw * 1e9) * 1e3
     print(f"{args.bits}-bit real-size student, {args.context}-token cache; read bandwidth {bw:.1f} GB/s: ceiling "
           f"{ceiling_ms:.1f} ms/token ({1e3 / ceiling_ms:.0f} tok/s); kernel: {qmm.status()}")
-    print(f"{'':18}{'ms/step':>9}{'tok/s':>8}{'of ceiling':>12}   rounds")
+    print(f"{'':20}{'ms/step':>9}{'tok/s':>8}{'of ceiling':>12}   rounds")
     for n in names:
         ms = statistics.median(runs[n])
-        print(f"{n:18}{ms:>9.1f}{1e3 / ms:>8.1f}{ceiling_ms / ms:>11.0%}   {' '.join(f'{v:.0f}' for v in runs[n])}")
+        print(f"{n:20}{ms:>9.1f}{1e3 / ms:>8.1f}{ceiling_ms / ms:>11.0%}   {' '.join(f'{v:.0f}' for v in runs[n])}")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,9 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/optional.h>
 #include <nanobind/stl/variant.h>
+#include <nanobind/stl/vector.h>
 
+#include "decode_block.h"
 #include "fused.h"
 #include "qmm.h"
 
@@ -23,6 +25,18 @@ NB_MODULE(_qmm, m) {
         "stream"_a = nb::none(), "softmax(scale q·Kᵀ)·V for one query position, GQA, as one CPU op (no vjp).");
   m.def("swiglu", &bonsai::swiglu, "gate"_a, "up"_a, nb::kw_only(), "stream"_a = nb::none(),
         "silu(gate) * up as one CPU op (float32, no vjp).");
+  m.def(
+      "decode_block",
+      [](const std::vector<mx::array>& inputs, float eps, int n_heads, int n_kv_heads, int head_dim,
+         bool rope_traditional, float rope_base, float rope_scale, int offset, float attn_scale, int group_size,
+         int bits, int bias_mask) {
+        bonsai::BlockParams p{eps, n_heads, n_kv_heads, head_dim, rope_traditional, rope_base, rope_scale,
+                              offset, attn_scale, group_size, bits, bias_mask};
+        return bonsai::decode_block(inputs, p);
+      },
+      "inputs"_a, nb::kw_only(), "eps"_a, "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "rope_traditional"_a,
+      "rope_base"_a, "rope_scale"_a, "offset"_a, "attn_scale"_a, "group_size"_a, "bits"_a, "bias_mask"_a,
+      "One token through a quantized Qwen2/Llama block (csrc/decode_block.h): [output, new key, new value].");
   m.def("kernel_isa", &bonsai::kernel_isa, "The row kernel in use: avx2+fma, neon or portable.");
   m.def("activations", &bonsai::activations,
         "int8: 4-bit products of fewer than int8_rows() rows round the activations to int8 per block of 32; "

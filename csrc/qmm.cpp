@@ -230,13 +230,15 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
 void QuantizedMatmul::product(const mx::array& x, const mx::array& w, const mx::array& scales,
                               const mx::array& biases, float* yp, int M, int N, int K, int gs, int bits,
                               bool transpose) {
+  std::vector<float> xb, sb, bb;
+  std::vector<uint32_t> wb;
+  product_rows(row_major(x, xb), row_major(w, wb), row_major(scales, sb), row_major(biases, bb), yp, M, N, K, gs,
+               bits, transpose);
+}
+
+void product_rows(const float* xp, const uint32_t* wp, const float* sp, const float* bp, float* yp, int M, int N,
+                  int K, int gs, int bits, bool transpose) {
   {
-    std::vector<float> xb, sb, bb;
-    std::vector<uint32_t> wb;
-    const float* xp = row_major(x, xb);
-    const uint32_t* wp = row_major(w, wb);
-    const float* sp = row_major(scales, sb);
-    const float* bp = row_major(biases, bb);
     const int G = K / gs;
     if (transpose && M < many_rows()) {
       // few rows: per-group sums of x, then the int8 activations (q8 kernels) or the 4-bit chunk order (float

@@ -46,6 +46,11 @@ class QuantizedMatmul : public mx::Primitive {
   bool transpose_;
 };
 
+// The product on row-major buffers (x [M, K] or [M, N], w [N, K*bits/32], scales/biases [N, K/g]) into y, on the
+// calling thread and the pool: what QuantizedMatmul's task runs, and decode_block.cpp's layers.
+void product_rows(const float* x, const uint32_t* w, const float* scales, const float* biases, float* y, int M, int N,
+                  int K, int group_size, int bits, bool transpose);
+
 // What the kernel runs on this machine: "avx2+fma", "neon" or "portable", and the pool's thread count.
 std::string kernel_isa();
 int num_threads();

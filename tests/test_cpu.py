@@ -226,6 +226,7 @@ def test_accelerate_is_the_one_swap_and_lists_it_on_the_real_size_config(monkeyp
     assert report.enabled and not report.upcast and report.cache_limit >= 1 << 30
     assert report.swapped == {
         "Attention → CPUAttention": 24, "MLP → CPUSwiGLUMLP": 24,  # mlx-lm's Qwen2 blocks
+        "TransformerBlock → CPUDecoderBlock": 24,
         "Linear → CPULinear": 24 * 7, "Embedding → CPUTiedHead": 1,  # q k v o gate up down; the tied head
         "RMSNorm → CPURMSNorm": 24 * 2 + 1,  # each block's two norms and the final one
         "Attention → CPUVisionAttention": 12, "MLP → CPUVisionMLP": 12,  # the SigLIP tower
@@ -238,6 +239,7 @@ def test_accelerate_is_the_one_swap_and_lists_it_on_the_real_size_config(monkeyp
     q = _real_size_model(quantize=4)
     assert accelerate(q).swapped == {
         "Attention → CPUAttention": 24, "MLP → CPUSwiGLUMLP": 24, "QuantizedLinear → CPUQuantizedLinear": 24 * 7,
+        "TransformerBlock → CPUDecoderBlock": 24,
         "QuantizedEmbedding → CPUQuantizedEmbedding": 1, "Attention → CPUVisionAttention": 12,
         "MLP → CPUVisionMLP": 12, "RMSNorm → CPURMSNorm": 24 * 2 + 1,
     }

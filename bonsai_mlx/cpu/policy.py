@@ -4,7 +4,8 @@ Called once where a model is loaded (`io.load_model`, after any quantization). O
 1. casts half-precision weights to float32 (MLX's CPU half matmuls do not reach the BLAS: 200×896 @ 896×4864 takes
    311 ms in bfloat16 vs 9.8 ms in float32, `python bench/cpu_kernels.py`);
 2. gives layers CPU stand-ins with the same weights and names (`__class__` swaps, nothing else is patched):
-   - the LM's mlx-lm `Attention` / `MLP` (Qwen2, Llama) → `layers.CPUAttention` / `layers.CPUSwiGLUMLP`;
+   - the LM's mlx-lm `Attention` / `MLP` (Qwen2, Llama) → `layers.CPUAttention` / `layers.CPUSwiGLUMLP`, and its
+     `TransformerBlock` → `block.CPUDecoderBlock` (a quantized block's decode step as one op);
    - the LM's `nn.Linear` → `decode.CPULinear` and its `nn.Embedding` → `decode.CPUTiedHead` (decode GEMV, sliced
      head); `nn.QuantizedLinear` / `nn.QuantizedEmbedding` → `quantized.CPUQuantized*` (many rows dequantized);
      `nn.RMSNorm` → `fused.CPURMSNorm` (one op per decode-step norm; the attention's decode step, above, uses
@@ -28,6 +29,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from .block import CPUDecoderBlock
 from .decode import CPULinear, CPUTiedHead
 from .device import on_cpu
 from .fused import CPURMSNorm
@@ -42,6 +44,7 @@ _MLX_LM_MODULES = ("mlx_lm.models.qwen2", "mlx_lm.models.llama")
 _LM_SWAPS = {  # class name → (stand-in, the children it must have)
     "MLP": (CPUSwiGLUMLP, {"gate_proj", "up_proj", "down_proj"}),
     "Attention": (CPUAttention, {"q_proj", "k_proj", "v_proj", "o_proj", "rope"}),
+    "TransformerBlock": (CPUDecoderBlock, {"self_attn", "mlp", "input_layernorm", "post_attention_layernorm"}),
 }
 # exact classes → stand-ins (subclasses of them, so isinstance checks and the weights stay as they were)
 _EXACT = {nn.Linear: CPULinear, nn.Embedding: CPUTiedHead, nn.QuantizedLinear: CPUQuantizedLinear,

@@ -1,0 +1,76 @@
+"""A quantized transformer block's decode step as one CPU op (csrc/decode_block.cpp says why and what it computes).
+
+`CPUDecoderBlock` stands in for mlx-lm's Qwen2 / Llama `TransformerBlock` (same children and names). Inside
+`decoding()` (generate's decode steps: nothing is differentiated there), for one token of one sequence, with a plain
+`KVCache` and every linear quantized the same way on bonsai's kernel, the whole block — norms, q/k/v/o, RoPE,
+attention over the cache and the new position, SwiGLU MLP, residuals — is one op that also returns the new key and
+value rows, which are then appended to the cache. Everywhere else (prefill, training, batches, other caches, float
+weights, LoRA layers) it runs mlx-lm's block on the other CPU stand-ins.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.cache import KVCache
+
+from . import qmm
+from .decode import decoding_active
+from .device import on_cpu
+from .quantized import CPUQuantizedLinear
+
+_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _linears(block):
+    a, m = block.self_attn, block.mlp
+    return [getattr(a, n) if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else getattr(m, n) for n in _LINEARS]
+
+
+def _fused_inputs(block, x: mx.array, cache):
+    """(ext, inputs, params) when the one-op decode step applies, else None."""
+    if not decoding_active() or not on_cpu() or x.shape[:2] != (1, 1) or x.dtype != mx.float32:
+        return None
+    if type(cache) is not KVCache or cache.keys is None or cache.keys.dtype != mx.float32:
+        return None
+    a, n1, n2 = block.self_attn, block.input_layernorm, block.post_attention_layernorm
+    rope = getattr(a, "rope", None)
+    lins = _linears(block)
+    if type(rope) is not nn.RoPE or not all(type(m) is CPUQuantizedLinear for m in lins):
+        return None
+    if not (isinstance(n1, nn.RMSNorm) and isinstance(n2, nn.RMSNorm) and n1.eps == n2.eps):
+        return None
+    gs, bits = lins[0].group_size, lins[0].bits
+    if any((m.group_size, m.bits, getattr(m, "mode", "affine")) != (gs, bits, "affine") for m in lins):
+        return None
+    head_dim = lins[0]["scales"].shape[0] // a.n_heads
+    if rope.dims != head_dim or not qmm.supports(x, gs, bits):
+        return None
+    ext = qmm.extension()
+    inputs = [x, n1["weight"], n2["weight"], cache.keys, cache.values]
+    bias_mask, biases = 0, []
+    for i, m in enumerate(lins):
+        inputs += [m["weight"], m["scales"], m["biases"]]
+        if "bias" in m:
+            bias_mask |= 1 << i
+            biases.append(m["bias"])
+    params = dict(eps=n1.eps, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, head_dim=head_dim,
+                  rope_traditional=rope.traditional, rope_base=rope.base, rope_scale=rope.scale, offset=cache.offset,
+                  attn_scale=a.scale, group_size=gs, bits=bits, bias_mask=bias_mask)
+    return ext, inputs + biases, params
+
+
+class CPUDecoderBlock(nn.Module):
+    """Stands in for mlx-lm's Qwen2 / Llama `TransformerBlock`: its decode step as one op where `_fused_inputs`
+    applies, else the original block (mlx_lm.models.qwen2.TransformerBlock.__call__)."""
+
+    def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
+        fused = _fused_inputs(self, x, cache) if mask is None else None
+        if fused is not None:
+            ext, inputs, params = fused
+            out, k, v = ext.decode_block(inputs, **params)
+            cache.update_and_fetch(k, v)  # the block already attended to the new position
+            return out
+        r = self.self_attn(self.input_layernorm(x), mask, cache)
+        h = x + r
+        return h + self.mlp(self.post_attention_layernorm(h))

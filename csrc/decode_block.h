@@ -1,0 +1,49 @@
+// A transformer block's decode step for one token as one CPU primitive (decode_block.cpp says why and what).
+#pragma once
+
+#include <stdexcept>
+#include <vector>
+
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+
+namespace bonsai {
+
+struct BlockParams {
+  float eps = 1e-6f;          // both RMSNorms
+  int n_heads = 0, n_kv_heads = 0, head_dim = 0;
+  bool rope_traditional = false;
+  float rope_base = 10000.0f, rope_scale = 1.0f;
+  int offset = 0;             // the new token's position = the cached positions read
+  float attn_scale = 1.0f;
+  int group_size = 64, bits = 4;
+  int bias_mask = 0;          // bit i: linear i (q k v o gate up down) has a bias, passed after the 7 triples
+};
+
+// inputs: x [1, 1, D], norm 1 [D], norm 2 [D], keys / values [1, Hk, >= offset, head_dim] (the cache's buffers:
+// positions < offset are read), then (w, scales, biases) of q k v o gate up down, then the biases of bias_mask.
+// Returns the block's output [1, 1, D] and the new key and value rows [1, Hk, 1, head_dim] (rotated key).
+std::vector<mx::array> decode_block(const std::vector<mx::array>& inputs, const BlockParams& p,
+                                    mx::StreamOrDevice s = {});
+
+class DecodeBlock : public mx::Primitive {
+ public:
+  DecodeBlock(mx::Stream stream, BlockParams p) : mx::Primitive(stream), p_(p) {}
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("[bonsai.decode_block] CPU only");
+  }
+  const char* name() const override { return "BonsaiDecodeBlock"; }
+  bool is_equivalent(const mx::Primitive& other) const override;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    const mx::Shape kv = {1, p_.n_kv_heads, 1, p_.head_dim};
+    return {inputs[0].shape(), kv, kv};
+  }
+
+ private:
+  BlockParams p_;
+};
+
+}  // namespace bonsai
