@@ -1,13 +1,19 @@
-// A small persistent thread pool for the quantized kernels: `parallel_for(n, f)` splits [0, n) into one contiguous
-// range per thread (the calling thread takes the first). A decode step makes ~170 short calls (one per linear), so
-// waking workers must be cheap: after each call they spin briefly (~50 µs) on an atomic counter, then sleep on a
-// condition variable. Sleeping workers never compete with OpenBLAS's threads, which run only inside the sgemm calls
-// made between ours.
+// A small persistent thread pool for the quantized kernels: `parallel_for(n, f)` runs f over [0, n) in chunks that
+// the calling thread and the workers claim from one atomic counter.
+//
+// Claimed chunks, not one fixed range per thread: on a 2-core machine the pool's threads share the cores with MLX's
+// stream thread and with Python building the next decode step's graph (mlx-lm's async_eval), and a worker preempted
+// while holding a fixed half of a product stalled the caller for a scheduler time slice. Here whoever runs takes
+// the next chunk, and the caller waits (yielding its core) only for chunks already being computed. A decode step
+// makes ~170 short calls, so waking workers must be cheap: after each call they spin briefly (~50 µs) on an atomic,
+// then sleep on a condition variable. Sleeping workers never compete with OpenBLAS's threads, which run only inside
+// the sgemm calls made between ours.
 #pragma once
 
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdint>
 #include <functional>
 #include <mutex>
 #include <thread>
@@ -33,44 +39,66 @@ class ThreadPool {
   void resize(int n) {
     stop();
     quit_ = false;
-    const unsigned long now = generation_.load();  // new workers wait for the next call, not the last one again
-    for (int i = 1; i < std::max(n, 1); ++i) workers_.emplace_back([this, i, now] { loop(i, now); });
+    const uint32_t now = generation_.load();  // new workers wait for the next call, not the last one again
+    for (int i = 1; i < std::max(n, 1); ++i) workers_.emplace_back([this, now] { loop(now); });
   }
 
   // spin: whether workers should spin for the next call afterwards (row kernels: yes; before an sgemm: no, its
-  // OpenBLAS threads need the cores)
-  void parallel_for(int n, const std::function<void(int, int)>& f, bool spin = true) {
-    const int t = std::min(size(), std::max(n, 1));
-    if (t <= 1) {
+  // OpenBLAS threads need the cores). Chunk boundaries are multiples of `align` (the kernels' row blocks).
+  void parallel_for(int n, const std::function<void(int, int)>& f, bool spin = true, int align = 4) {
+    const int t = size();
+    if (t <= 1 || n <= align) {
       f(0, n);
       return;
     }
     std::lock_guard<std::mutex> call(call_mu_);  // one parallel_for at a time
+    // about 8 chunks per thread: small enough that a preempted worker holds little, large enough to amortize
+    const int per = std::max(align, (n / (8 * t) + align - 1) / align * align);
     job_ = &f;
-    n_ = n;
-    parts_ = t;
+    n_.store(n, std::memory_order_relaxed);
+    chunk_.store(per, std::memory_order_relaxed);
+    chunks_.store((n + per - 1) / per, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
     spin_.store(spin, std::memory_order_relaxed);
-    pending_.store(t - 1, std::memory_order_relaxed);
+    const uint32_t gen = generation_.load(std::memory_order_relaxed) + 1;
+    work_.store(static_cast<uint64_t>(gen) << 32, std::memory_order_release);  // (generation, next chunk)
     {
       std::lock_guard<std::mutex> lk(mu_);
-      generation_.fetch_add(1, std::memory_order_release);
+      generation_.store(gen, std::memory_order_release);
     }
     cv_.notify_all();
-    f(0, static_cast<int>(static_cast<int64_t>(n) / t));
-    for (int spin = 0; pending_.load(std::memory_order_acquire) != 0; ++spin) {
-      if (spin < kSpins) {
-        BONSAI_PAUSE();
-      } else {
-        std::unique_lock<std::mutex> lk(mu_);
-        done_.wait(lk, [this] { return pending_.load(std::memory_order_acquire) == 0; });
-      }
+    while (run_chunk(gen)) {
+    }
+    // every chunk is claimed; wait for the ones workers are still computing
+    const int chunks = chunks_.load(std::memory_order_relaxed);
+    for (int i = 0; done_.load(std::memory_order_acquire) != chunks; ++i) {
+      if (i < kSpins) BONSAI_PAUSE();
+      else std::this_thread::yield();  // a preempted worker holds a chunk: give it this core
     }
   }
 
  private:
   static constexpr int kSpins = 20000;  // ~50 µs of pause instructions
 
-  void loop(int index, unsigned long seen) {
+  // claim and run the next chunk of call `gen`; false when there is none (or that call is over)
+  bool run_chunk(uint32_t gen) {
+    uint64_t v = work_.load(std::memory_order_acquire);
+    for (;;) {
+      if (static_cast<uint32_t>(v >> 32) != gen) return false;
+      const int idx = static_cast<int>(v & 0xFFFFFFFFu);
+      if (idx >= chunks_.load(std::memory_order_relaxed)) return false;  // published before work_ (release)
+      if (work_.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) {
+        // the caller cannot return (nor job_ change) before this chunk is counted done
+        const int per = chunk_.load(std::memory_order_relaxed);
+        const int a = idx * per;
+        (*job_)(a, std::min(n_.load(std::memory_order_relaxed), a + per));
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        return true;
+      }
+    }
+  }
+
+  void loop(uint32_t seen) {
     for (;;) {
       int spin = spin_.load(std::memory_order_acquire) ? 0 : kSpins;
       while (generation_.load(std::memory_order_acquire) == seen && !quit_.load(std::memory_order_acquire)) {
@@ -83,14 +111,7 @@ class ThreadPool {
       }
       if (quit_.load(std::memory_order_acquire)) return;
       seen = generation_.load(std::memory_order_acquire);
-      const int parts = parts_, n = n_;
-      if (index < parts) {
-        (*job_)(static_cast<int>(static_cast<int64_t>(n) * index / parts),
-                static_cast<int>(static_cast<int64_t>(n) * (index + 1) / parts));
-        if (pending_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-          std::lock_guard<std::mutex> lk(mu_);
-          done_.notify_one();
-        }
+      while (run_chunk(seen)) {
       }
     }
   }
@@ -107,11 +128,12 @@ class ThreadPool {
 
   std::vector<std::thread> workers_;
   std::mutex mu_, call_mu_;
-  std::condition_variable cv_, done_;
+  std::condition_variable cv_;
   const std::function<void(int, int)>* job_ = nullptr;
-  int n_ = 0, parts_ = 0;
-  std::atomic<int> pending_{0};
-  std::atomic<unsigned long> generation_{0};
+  std::atomic<int> n_{0}, chunk_{1}, chunks_{0};
+  std::atomic<uint64_t> work_{0};
+  std::atomic<int> done_{0};
+  std::atomic<uint32_t> generation_{0};
   std::atomic<bool> quit_{false}, spin_{true};
 };
 
