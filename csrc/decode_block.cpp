@@ -16,6 +16,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "decode_math.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "qmm.h"
 #include "strided.h"
@@ -25,34 +26,6 @@ namespace bonsai {
 namespace {
 constexpr int kLinears = 7;  // q k v o gate up down
 constexpr int kFixed = 5;    // x, norm 1, norm 2, cached keys, cached values
-
-void rms(const float* x, const float* w, float eps, int D, float* y) {
-  float ss = 0.0f;
-  for (int i = 0; i < D; ++i) ss += x[i] * x[i];
-  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-  for (int i = 0; i < D; ++i) y[i] = x[i] * inv * w[i];
-}
-
-void rope_rows(float* x, int rows, int D, const BlockParams& p) {  // in place, at position p.offset
-  const int half = D / 2;
-  std::vector<float> c(half), s(half);
-  const double pos = static_cast<double>(p.rope_scale) * p.offset;
-  for (int i = 0; i < half; ++i) {
-    const double th = pos * std::pow(static_cast<double>(p.rope_base), -static_cast<double>(i) / half);
-    c[i] = static_cast<float>(std::cos(th));
-    s[i] = static_cast<float>(std::sin(th));
-  }
-  for (int r = 0; r < rows; ++r) {
-    float* v = x + static_cast<int64_t>(r) * D;
-    for (int i = 0; i < half; ++i) {
-      float& a = p.rope_traditional ? v[2 * i] : v[i];
-      float& b = p.rope_traditional ? v[2 * i + 1] : v[i + half];
-      const float a0 = a, b0 = b;
-      a = a0 * c[i] - b0 * s[i];
-      b = a0 * s[i] + b0 * c[i];
-    }
-  }
-}
 }  // namespace
 
 std::vector<mx::array> decode_block(const std::vector<mx::array>& inputs, const BlockParams& p,
@@ -105,12 +78,16 @@ void DecodeBlock::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     };
     const float* x = f(0);
     std::vector<float> n1(D), q(static_cast<size_t>(H) * Dh), att(static_cast<size_t>(H) * Dh), o(D), h(D);
-    rms(x, f(1), p.eps, D, n1.data());
+    rms_row(x, f(1), p.eps, D, n1.data());
     linear(0, n1.data(), D, q.data());
     linear(1, n1.data(), D, kp_out);  // the new key and value rows are outputs: [1, Hk, 1, Dh]
     linear(2, n1.data(), D, vp_out);
-    rope_rows(q.data(), H, Dh, p);
-    rope_rows(kp_out, Hk, Dh, p);
+    std::vector<float> cs, sn;
+    rope_table(1, Dh, p.rope_base, p.rope_scale, p.offset, cs, sn);
+    for (int r = 0; r < H; ++r)
+      rope_row(q.data() + r * Dh, q.data() + r * Dh, cs.data(), sn.data(), Dh, p.rope_traditional);
+    for (int r = 0; r < Hk; ++r)
+      rope_row(kp_out + r * Dh, kp_out + r * Dh, cs.data(), sn.data(), Dh, p.rope_traditional);
     // attention of the one query over the S cached positions and the new one (GQA: query head hh reads KV head
     // hh / (H / Hk)); the cache is read in place through its strides
     const auto& kc = inputs[3];
@@ -124,32 +101,17 @@ void DecodeBlock::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
                     : std::vector<int64_t>(a.strides().begin(), a.strides().end());
     };
     const auto ks = strides(kc, kcp), vs = strides(vc, vcp);
-    std::vector<float> sc(S + 1);
+    std::vector<float> scratch;
     const int g = H / Hk;
     for (int hh = 0; hh < H; ++hh) {
       const int kh = hh / g;
-      const float* qr = q.data() + static_cast<int64_t>(hh) * Dh;
-      float mx_ = -INFINITY;
-      for (int j = 0; j <= S; ++j) {
-        const float* kr = j < S ? kb + kh * ks[1] + j * ks[2] : kp_out + static_cast<int64_t>(kh) * Dh;
-        float d = 0.0f;
-        for (int i = 0; i < Dh; ++i) d += qr[i] * kr[i];
-        sc[j] = d * p.attn_scale;
-        mx_ = std::max(mx_, sc[j]);
-      }
-      float sum = 0.0f;
-      for (int j = 0; j <= S; ++j) sum += (sc[j] = std::exp(sc[j] - mx_));
-      float* out = att.data() + static_cast<int64_t>(hh) * Dh;
-      std::fill(out, out + Dh, 0.0f);
-      for (int j = 0; j <= S; ++j) {
-        const float* vr = j < S ? vb + kh * vs[1] + j * vs[2] : vp_out + static_cast<int64_t>(kh) * Dh;
-        const float pj = sc[j] / sum;
-        for (int i = 0; i < Dh; ++i) out[i] += pj * vr[i];
-      }
+      attend_row(q.data() + static_cast<int64_t>(hh) * Dh, Dh, kb + kh * ks[1], ks[2], vb + kh * vs[1], vs[2], S,
+                 kp_out + static_cast<int64_t>(kh) * Dh, vp_out + static_cast<int64_t>(kh) * Dh, p.attn_scale,
+                 att.data() + static_cast<int64_t>(hh) * Dh, scratch);
     }
     linear(3, att.data(), H * Dh, o.data());
     for (int i = 0; i < D; ++i) h[i] = x[i] + o[i];
-    rms(h.data(), f(2), p.eps, D, n1.data());
+    rms_row(h.data(), f(2), p.eps, D, n1.data());
     const int F = inputs[kFixed + 3 * 4].shape(0);
     std::vector<float> gt(F), up(F), dn(D);
     linear(4, n1.data(), D, gt.data());

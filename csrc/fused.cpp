@@ -12,6 +12,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "decode_math.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "strided.h"
 
@@ -48,14 +49,7 @@ void RMSNorm1::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::ar
     std::vector<float> xb, wb;  // strided inputs are gathered here (no contiguous() node in the graph)
     const float* xp = row_major(x, xb);
     const float* wp = row_major(w, wb);
-    for (int64_t r = 0; r < rows; ++r) {
-      const float* xr = xp + r * D;
-      float* yr = yp + r * D;
-      float ss = 0.0f;
-      for (int i = 0; i < D; ++i) ss += xr[i] * xr[i];
-      const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
-      for (int i = 0; i < D; ++i) yr[i] = xr[i] * inv * wp[i];
-    }
+    for (int64_t r = 0; r < rows; ++r) rms_row(xp + r * D, wp, eps, D, yp + r * D);
   });
 }
 
@@ -86,38 +80,12 @@ void RoPE1::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array
     std::vector<float> xb;
     const float* xp = row_major(x, xb);
     const int half = D / 2;
-    // the angles in double precision: theta = scale * position * base^(-i / half). In float32 (MLX's fallback,
-    // transformers' inv_freq) one ulp of the frequency is ~1e-3 rad at position 30,000; here cos/sin are exact to
-    // float32 rounding, and differ from MLX's by MLX's own rounding (tests/test_fused.py).
-    std::vector<float> cs(static_cast<size_t>(L) * half), sn(static_cast<size_t>(L) * half);
-    for (int l = 0; l < L; ++l) {
-      const double pos = static_cast<double>(scale) * static_cast<double>(offset + l);
-      for (int i = 0; i < half; ++i) {
-        const double theta = pos * std::pow(static_cast<double>(base), -static_cast<double>(i) / half);
-        cs[static_cast<size_t>(l) * half + i] = static_cast<float>(std::cos(theta));
-        sn[static_cast<size_t>(l) * half + i] = static_cast<float>(std::sin(theta));
-      }
-    }
+    std::vector<float> cs, sn;
+    rope_table(L, D, base, scale, offset, cs, sn);
     for (int64_t p = 0; p < planes; ++p)
-      for (int l = 0; l < L; ++l) {
-        const float* xr = xp + (p * L + l) * D;
-        float* yr = yp + (p * L + l) * D;
-        const float* c = cs.data() + static_cast<size_t>(l) * half;
-        const float* s = sn.data() + static_cast<size_t>(l) * half;
-        if (trad) {  // pairs (2i, 2i+1)
-          for (int i = 0; i < half; ++i) {
-            const float a = xr[2 * i], b = xr[2 * i + 1];
-            yr[2 * i] = a * c[i] - b * s[i];
-            yr[2 * i + 1] = a * s[i] + b * c[i];
-          }
-        } else {  // halves (i, i + D/2)
-          for (int i = 0; i < half; ++i) {
-            const float a = xr[i], b = xr[i + half];
-            yr[i] = a * c[i] - b * s[i];
-            yr[i + half] = a * s[i] + b * c[i];
-          }
-        }
-      }
+      for (int l = 0; l < L; ++l)
+        rope_row(xp + (p * L + l) * D, yp + (p * L + l) * D, cs.data() + static_cast<size_t>(l) * half,
+                 sn.data() + static_cast<size_t>(l) * half, D, trad);
   });
 }
 
@@ -155,35 +123,14 @@ void AttendOne::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::a
   if (ks[3] != 1 || vs[3] != 1) throw std::invalid_argument("[bonsai.attend_one] keys/values rows must be contiguous");
   enc.dispatch([q, kp = k.data<float>(), vp = v.data<float>(), yp = out.data<float>(), B, H, D, Hk, S, ks, vs,
                 scale = scale_]() {
-    std::vector<float> qb, p(S);
+    std::vector<float> qb, p;
     const float* qp = row_major(q, qb);
     const int g = H / Hk;
     for (int b = 0; b < B; ++b)
-      for (int h = 0; h < H; ++h) {
-        const float* qr = qp + (static_cast<int64_t>(b) * H + h) * D;
-        const float* kb = kp + b * ks[0] + (h / g) * ks[1];
-        const float* vb = vp + b * vs[0] + (h / g) * vs[1];
-        float mx_ = -INFINITY;
-        for (int j = 0; j < S; ++j) {
-          const float* kr = kb + j * ks[2];
-          float d = 0.0f;
-          for (int i = 0; i < D; ++i) d += qr[i] * kr[i];
-          p[j] = d * scale;
-          mx_ = std::max(mx_, p[j]);
-        }
-        float sum = 0.0f;
-        for (int j = 0; j < S; ++j) {
-          p[j] = std::exp(p[j] - mx_);
-          sum += p[j];
-        }
-        float* yr = yp + (static_cast<int64_t>(b) * H + h) * D;
-        std::fill(yr, yr + D, 0.0f);
-        for (int j = 0; j < S; ++j) {
-          const float* vr = vb + j * vs[2];
-          const float pj = p[j] / sum;
-          for (int i = 0; i < D; ++i) yr[i] += pj * vr[i];
-        }
-      }
+      for (int h = 0; h < H; ++h)
+        attend_row(qp + (static_cast<int64_t>(b) * H + h) * D, D, kp + b * ks[0] + (h / g) * ks[1], ks[2],
+                   vp + b * vs[0] + (h / g) * vs[1], vs[2], S, nullptr, nullptr, scale,
+                   yp + (static_cast<int64_t>(b) * H + h) * D, p);
   });
 }
 

@@ -5,7 +5,8 @@
   and reports what it changed;
 - the kernels: `activations` (rational tanh: SiLU, tanh-GELU, softmax exponentials), `attention`, `quantized`
   (dequantized many-row products), `decode` (one-row products by cblas_sgemv, sliced tied head), `layers` (the
-  stand-in modules), `device` (the per-call checks).
+  stand-in modules), `device` (the per-call checks), `qmm` (the compiled kernel), `fused` (the decode step's small
+  ops as one op each), `block` (a quantized transformer block's decode step as one op).
 
 This `__init__` imports no mlx, so that the BLAS can be loaded first.
 """
