@@ -96,8 +96,6 @@ static void rows_bits(const QmmArgs& a, int n0, int n1) {
 // _mm256_maddubs_epi16 (unsigned nibble x signed int8, pairs summed: |.| <= 2 * 15 * 127, no saturation) on the low
 // and high nibbles against xqp's matching bytes, the two added (<= 7620) and widened by _mm256_madd_epi16: int32
 // lanes 0-3 = block 2p, 4-7 = block 2p+1, then one FMA with [scale * d_2p x4, scale * d_2p+1 x4].
-// 8-bit: q - 128 as signed bytes (llama.cpp's sign trick keeps maddubs unsaturated: |.| <= 2 * 128 * 127) and the
-// 128 * scale * sum(d * xq) it leaves out added per group with the bias term (xdsum).
 static inline __m256 pair_vec(float lo, float hi) {  // [lo x4, hi x4]
   return _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_set1_ps(lo)), _mm_set1_ps(hi), 1);
 }
@@ -179,40 +177,6 @@ static void q8_block4(const QmmArgs& a, int n, int m0) {
   }
 }
 
-template <int MB>
-static void q8_block8(const QmmArgs& a, int n, int m0) {
-  const int G = a.K / a.group_size, nb = a.K / 32, per_group = a.group_size / 32;
-  const uint8_t* row = reinterpret_cast<const uint8_t*>(a.w) + static_cast<int64_t>(n) * a.K;
-  const float* sc = a.scales + static_cast<int64_t>(n) * G;
-  const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
-  __m256 acc[MB];
-  for (int r = 0; r < MB; ++r) acc[r] = _mm256_setzero_ps();
-  for (int b = 0; b < nb; ++b) {
-    const __m256i q = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + 32 * b)), flip);
-    const __m256i aq = _mm256_abs_epi8(q);  // |q - 128| as unsigned; its sign moves onto x
-    for (int r = 0; r < MB; ++r) {
-      const int64_t m = m0 + r;
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a.xqp + m * a.K + 32 * b));
-      const __m256i i32 = _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(x, q)), ones);
-      acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i32), _mm256_set1_ps(sc[b / per_group] * a.xd[m * nb + b]), acc[r]);
-    }
-  }
-  const float* bi = a.biases + static_cast<int64_t>(n) * G;
-  for (int r = 0; r < MB; ++r) {
-    const float* xdsum = a.xdsum + static_cast<int64_t>(m0 + r) * G;
-    const __m256 c128 = _mm256_set1_ps(128.0f);
-    __m256 bv = _mm256_setzero_ps();
-    int g = 0;
-    for (; g + 8 <= G; g += 8) {  // (bias + 128 * scale) * sum(d * xq)
-      const __m256 c = _mm256_fmadd_ps(c128, _mm256_loadu_ps(sc + g), _mm256_loadu_ps(bi + g));
-      bv = _mm256_fmadd_ps(c, _mm256_loadu_ps(xdsum + g), bv);
-    }
-    float t = hsum(bv);
-    for (; g < G; ++g) t += (bi[g] + 128.0f * sc[g]) * xdsum[g];
-    a.y[static_cast<int64_t>(m0 + r) * a.N + n] = hsum(acc[r]) + t;
-  }
-}
-
 // rows [n0, n1) of the output: MB = 1 or 2 activation rows at a time, NB weight rows at a time
 template <int NB1, int NB2, void (*B11)(const QmmArgs&, int, int), void (*B1N)(const QmmArgs&, int, int),
           void (*B21)(const QmmArgs&, int, int), void (*B2N)(const QmmArgs&, int, int)>
@@ -233,7 +197,6 @@ static void q8_rows(const QmmArgs& a, int n0, int n1) {
 void rows_q8_avx2(const QmmArgs& a, int n0, int n1) {
   if (a.bits == 4)
     return q8_rows<4, 2, q8_block4<1, 1>, q8_block4<1, 4>, q8_block4<2, 1>, q8_block4<2, 2>>(a, n0, n1);
-  if (a.bits == 8) return q8_rows<1, 1, q8_block8<1>, q8_block8<1>, q8_block8<2>, q8_block8<2>>(a, n0, n1);
   rows_q8_portable(a, n0, n1);
 }
 

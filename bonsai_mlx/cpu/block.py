@@ -19,12 +19,11 @@ from .decode import decoding_active
 from .device import on_cpu
 from .quantized import CPUQuantizedLinear
 
-_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
 
 def _linears(block):
+    """q k v o gate up down: the order csrc/decode_block.h takes them in."""
     a, m = block.self_attn, block.mlp
-    return [getattr(a, n) if n.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else getattr(m, n) for n in _LINEARS]
+    return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
 
 
 def _fused_inputs(block, x: mx.array, cache):
