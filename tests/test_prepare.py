@@ -201,3 +201,44 @@ def test_streamed_records_equal_read_records(tmp_path, text):
     assert run(lambda: list(iter_records(f))) == whole
     if isinstance(whole, list):
         assert list(iter_records(f, 1)) == whole[:1]
+
+
+def _offsets(backend, texts):
+    from itertools import chain
+
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    lens = np.array([len(e.ids) for e in encs], np.int64)
+    ids = np.fromiter(chain.from_iterable(e.ids for e in encs), np.int32, int(lens.sum()))
+    ref = np.array([o for e in encs for o in e.offsets], np.int64).reshape(-1, 2)
+    return encs, lens, ids, ref
+
+
+def test_offsets_from_token_lengths_equal_the_tokenizers_and_are_refused_where_inexact(tokenizer):
+    """The byte-level shortcut for offsets (train/token_offsets.py) gives the tokenizer's own offsets, ASCII or not
+    (those take the tokenizer's), and is not used where a token's length is not what its offsets count."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    from bonsai_mlx.train.token_offsets import offsets_from_lengths, token_byte_lengths
+
+    backend = tokenizer.backend_tokenizer
+    table = token_byte_lengths(backend)
+    assert table is not None
+    texts = ["<|im_start|>user\n<image>\nWhat is it?<|im_end|>\n<|im_start|>assistant\n  A cat,  on a mat.<|im_end|>",
+             "", "zweite Zeile — 猫 🐱\n  x", "\n\n\t tabs\tand   spaces  \n", "<|im_end|><|im_end|>ok"]
+    encs, lens, ids, ref = _offsets(backend, texts)
+    assert np.array_equal(offsets_from_lengths(table, ids, lens, texts, encs), ref)
+    # a table that disagrees with a record's text length is caught per record (that record takes the real offsets)
+    bad = table.copy()
+    bad[ids[0]] += 1
+    assert np.array_equal(offsets_from_lengths(bad, ids, lens, texts, encs), ref)
+
+    spec = json.loads(backend.to_str())
+    trimmed = Tokenizer.from_str(backend.to_str())
+    trimmed.post_processor = processors.ByteLevel(trim_offsets=True)
+    assert token_byte_lengths(trimmed) is None  # its offsets drop the leading space a token holds
+    stripped = dict(spec, added_tokens=[dict(t, lstrip=True) for t in spec["added_tokens"]])
+    assert token_byte_lengths(Tokenizer.from_str(json.dumps(stripped))) is None
+    word = Tokenizer(models.WordLevel({"a": 0, "[UNK]": 1}, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    assert token_byte_lengths(word) is None
+    assert token_byte_lengths(None) is None

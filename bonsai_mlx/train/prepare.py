@@ -33,6 +33,7 @@ import numpy as np
 
 from ..errors import BonsaiError
 from ..prompting import IM_END, IMAGE_TOKEN, PROMPT_TEMPLATE_VERSION, Example, RecordError, chat_text, parse_turns
+from .token_offsets import offsets_from_lengths, token_byte_lengths
 
 PREPARE_VERSION = 1  # bumped whenever the stored layout or the encoding changes: older caches are not used
 CHUNK = 2048  # records per tokenizer call
@@ -75,18 +76,21 @@ def _fast_backend(tokenizer):
 
 def encode_chunk(tokenizer, records: Sequence, image_seq_length: int, max_seq_len: Optional[int] = None,
                  system: Optional[str] = None, image_token_id: Optional[int] = None,
-                 want_offsets: bool = False) -> Encoded:
+                 want_offsets: bool = False, byte_lens: Optional[np.ndarray] = None) -> Encoded:
     """`encode_example` for every record of `records` with one tokenizer call and array label masks.
 
     The texts are tokenized with a single `<image>` each: `<image>` is a special token, so the text around it is
     split off and tokenized on its own whatever the run length — the run is put back by position (saves the
     tokenizer 195 of every ~500 tokens of the real student's samples)."""
-    return finish_chunk(tokenize_chunk(tokenizer, records, system), tokenizer, image_seq_length, max_seq_len,
+    return finish_chunk(tokenize_chunk(tokenizer, records, system, byte_lens), tokenizer, image_seq_length, max_seq_len,
                         image_token_id, want_offsets)
 
 
-def tokenize_chunk(tokenizer, records: Sequence, system: Optional[str] = None) -> tuple:
-    """Stage 1 of `encode_chunk`: parse the records, build the one-<image> chat texts, tokenize them."""
+def tokenize_chunk(tokenizer, records: Sequence, system: Optional[str] = None,
+                   byte_lens: Optional[np.ndarray] = None) -> tuple:
+    """Stage 1 of `encode_chunk`: parse the records, build the one-<image> chat texts, tokenize them.
+
+    `byte_lens` (`token_offsets.token_byte_lengths`): offsets from token lengths where that is exact."""
     errors: Dict[int, RecordError] = {}
     texts, spans, images, pos, turns_ok = [], [], [], [], []
     for j, rec in enumerate(records):
@@ -106,8 +110,11 @@ def tokenize_chunk(tokenizer, records: Sequence, system: Optional[str] = None) -
         encs = backend.encode_batch(texts, add_special_tokens=False)
         lens = np.fromiter((len(e.ids) for e in encs), np.int64, len(encs))
         ids = np.fromiter(chain.from_iterable(e.ids for e in encs), np.int32, int(lens.sum()))
-        offs = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), np.int64,
-                           2 * int(lens.sum())).reshape(-1, 2)
+        if byte_lens is not None:
+            offs = offsets_from_lengths(byte_lens, ids, lens, texts, encs)
+        else:
+            offs = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), np.int64,
+                               2 * int(lens.sum())).reshape(-1, 2)
     else:  # a slow (Python) tokenizer: one call per text, same result
         outs = [tokenizer(t, add_special_tokens=False, return_offsets_mapping=True) for t in texts]
         lens = np.array([len(o["input_ids"]) for o in outs], np.int64)
@@ -186,9 +193,10 @@ def encode_many(tokenizer, records: Sequence, image_seq_length: int, max_seq_len
     img_id = image_token_id if image_token_id is not None else tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     n_extra, w = image_seq_length - 1, len(IMAGE_TOKEN)
     out: list = [None] * len(records)
+    byte_lens = token_byte_lengths(_fast_backend(tokenizer))
     for c in range(0, len(records), CHUNK):
         enc = encode_chunk(tokenizer, records[c : c + CHUNK], image_seq_length, max_seq_len, system, img_id,
-                           want_offsets=True)
+                           want_offsets=True, byte_lens=byte_lens)
         for j, e in enc.errors.items():
             out[c + j] = e
         for k, j in enumerate(enc.ok):
@@ -313,12 +321,13 @@ def prepare_records(records: Iterable, tokenizer, image_seq_length: int, max_seq
     bar = progress(total, f"prepare {Path(source).name}", "rec") if show_progress else None
     first_error = None
     it = iter(records)
+    byte_lens = token_byte_lengths(_fast_backend(tokenizer))
     c = 0
     while True:
         chunk = list(islice(it, CHUNK))
         if not chunk:
             break
-        enc = encode_chunk(tokenizer, chunk, image_seq_length, max_seq_len, system, img_id)
+        enc = encode_chunk(tokenizer, chunk, image_seq_length, max_seq_len, system, img_id, byte_lens=byte_lens)
         for j, e in enc.errors.items():
             rid = record_id(chunk[j], c + j)
             if first_error is None:

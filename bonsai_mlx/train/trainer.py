@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -22,12 +23,36 @@ from mlx.utils import tree_map
 
 from ..errors import BonsaiError
 from ..hub import resolve
-from ..model import LlavaModel
+from ..io import load_config
+from ..model import LlavaModel, ModelConfig
 from ..processing import ImageProcessor
 from .checkpoint import read_checkpoint, read_state, write_checkpoint
 from .config import TrainConfig
 from .data import BatchIterator, SFTDataset, file_sha256
 from .step import build_step, make_optimizer, prepare_student, step_seed
+
+
+class Background:
+    """`fn()` on a daemon thread; `result()` waits and returns its value or raises its error (a daemon, so an error
+    in the caller exits without waiting for it)."""
+
+    def __init__(self, fn: Callable):
+        self._out: list = []
+        self._thread = threading.Thread(target=self._run, args=(fn,), daemon=True)
+        self._thread.start()
+
+    def _run(self, fn: Callable) -> None:
+        try:
+            self._out.append((True, fn()))
+        except BaseException as e:  # handed to the caller of result()
+            self._out.append((False, e))
+
+    def result(self):
+        self._thread.join()
+        ok, value = self._out[0]
+        if not ok:
+            raise value
+        return value
 
 
 class Trainer:
@@ -60,15 +85,16 @@ class Trainer:
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+        # The training data are prepared on a thread while the model loads: preparing is the Rust tokenizer (which
+        # releases the GIL), loading is reading and quantizing weights in MLX — on a cold 150k-record file the two
+        # overlap instead of adding up.
+        n_image = ModelConfig.from_dict(load_config(model_path)).image_seq_length
+        data = Background(lambda: self._load_train_set(cfg, n_image, log))
         mx.random.seed(cfg.seed)  # LoRA A init
         self.model = prepare_student(cfg)
         mcfg = self.model.config
         self.image_processor = ImageProcessor.from_pretrained(model_path, default_size=mcfg.vision_config.image_size)
-
-        self.data_sha = file_sha256(cfg.data)
-        self.train_set = SFTDataset.from_file(cfg.data, self.tokenizer, cfg.image_root, mcfg.image_seq_length,
-                                              cfg.max_seq_len, cfg.system, cfg.strict, cfg.limit, self.data_sha,
-                                              cache_dir=cfg.data_cache, log=log)
+        self.data_sha, self.train_set = data.result()
         self.text_pairs, self.image_pair, extras = [], None, None
         if cfg.phase == "hsd":
             extras = self._setup_hsd(model_path)
@@ -98,6 +124,11 @@ class Trainer:
         elif resume:
             log(f"--resume: no checkpoint in {self.ckpt_dir}; starting from step 0")
         self._build_step()
+
+    def _load_train_set(self, cfg: TrainConfig, image_seq_length: int, log):
+        sha = file_sha256(cfg.data)
+        return sha, SFTDataset.from_file(cfg.data, self.tokenizer, cfg.image_root, image_seq_length, cfg.max_seq_len,
+                                         cfg.system, cfg.strict, cfg.limit, sha, cache_dir=cfg.data_cache, log=log)
 
     def _setup_hsd(self, model_path: Path):
         """Open and check the teacher cache, pick the layer pairs, add the alignment projectors, drop records the
