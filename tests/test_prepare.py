@@ -24,7 +24,7 @@ def mixed_records():
     good = [
         rec(0, (h, "Describe <image> please"), (g, "A red square."), (h, "And?"), (g, "Small."), (h, "Sure?"),
             (g, "Yes.")),
-        rec(1, (h, "What is in the picture?\n<image>"), (g, "Ligne 1\n\nzweite Zeile — 猫 🐱\n  indented")),
+        rec(1, (h, "What is in the picture?\n<image>"), (g, "Ligne 1\n\nzweite Zeile — 猫 🐱 cafe\u0301\n  indented")),
         rec(2, (h, "<image>\nfirst"), (g, "  leading spaces and trailing  ")),
         rec(3, (h, "Hello?"), (g, "Hi there."), image=None),
         rec(4, (h, "A long question " * 30), (g, "answer " * 40), image=None),
@@ -214,11 +214,11 @@ def _offsets(backend, texts):
 
 
 def test_offsets_from_token_lengths_equal_the_tokenizers_and_are_refused_where_inexact(tokenizer):
-    """The byte-level shortcut for offsets (train/token_offsets.py) gives the tokenizer's own offsets, ASCII or not
+    """The byte-level shortcut for offsets (train/fast_tokens.py) gives the tokenizer's own offsets, ASCII or not
     (those take the tokenizer's), and is not used where a token's length is not what its offsets count."""
     from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
-    from bonsai_mlx.train.token_offsets import offsets_from_lengths, token_byte_lengths
+    from bonsai_mlx.train.fast_tokens import offsets_from_lengths, token_byte_lengths
 
     backend = tokenizer.backend_tokenizer
     table = token_byte_lengths(backend)
@@ -242,3 +242,26 @@ def test_offsets_from_token_lengths_equal_the_tokenizers_and_are_refused_where_i
     word.pre_tokenizer = pre_tokenizers.Whitespace()
     assert token_byte_lengths(word) is None
     assert token_byte_lengths(None) is None
+
+
+def test_the_nfc_free_tokenizer_is_used_only_on_nfc_text(tokenizer):
+    """Qwen's NFC normalizer changes nothing on NFC text, so the copy without it is exact there; a chunk holding a
+    text that NFC would change goes through the tokenizer itself (where the two differ)."""
+    from bonsai_mlx.train.fast_tokens import pick_backend, without_nfc
+
+    backend = tokenizer.backend_tokenizer
+    raw = without_nfc(backend)
+    assert raw is not None and raw.normalizer is None
+    nfc = ["<|im_start|>user\nCafé — 猫 🐱 déjà vu<|im_end|>", "plain ascii\n"]
+    assert pick_backend(backend, raw, nfc) is raw
+    a, b = (be.encode_batch(nfc, add_special_tokens=False) for be in (backend, raw))
+    assert [(e.ids, e.offsets) for e in a] == [(e.ids, e.offsets) for e in b]
+    decomposed = nfc + ["Cafe\u0301"]  # e + combining acute: NFC makes it one character
+    assert pick_backend(backend, raw, decomposed) is backend
+    assert backend.encode("Cafe\u0301", add_special_tokens=False).ids != raw.encode("Cafe\u0301",
+                                                                                  add_special_tokens=False).ids
+    from tokenizers import Tokenizer, normalizers
+
+    other = Tokenizer.from_str(backend.to_str())
+    other.normalizer = normalizers.NFKC()
+    assert without_nfc(other) is None

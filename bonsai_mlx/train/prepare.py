@@ -33,7 +33,7 @@ import numpy as np
 
 from ..errors import BonsaiError
 from ..prompting import IM_END, IMAGE_TOKEN, PROMPT_TEMPLATE_VERSION, Example, RecordError, chat_text, parse_turns
-from .token_offsets import offsets_from_lengths, token_byte_lengths
+from .fast_tokens import offsets_from_lengths, pick_backend, token_byte_lengths, without_nfc
 
 PREPARE_VERSION = 1  # bumped whenever the stored layout or the encoding changes: older caches are not used
 CHUNK = 2048  # records per tokenizer call
@@ -90,7 +90,13 @@ def tokenize_chunk(tokenizer, records: Sequence, system: Optional[str] = None,
                    byte_lens: Optional[np.ndarray] = None) -> tuple:
     """Stage 1 of `encode_chunk`: parse the records, build the one-<image> chat texts, tokenize them.
 
-    `byte_lens` (`token_offsets.token_byte_lengths`): offsets from token lengths where that is exact."""
+    `byte_lens` (`fast_tokens.token_byte_lengths`): offsets from token lengths where that is exact."""
+    parsed = chat_texts(records, system)
+    return parsed + token_arrays(tokenizer, parsed[1], byte_lens)
+
+
+def chat_texts(records: Sequence, system: Optional[str] = None) -> tuple:
+    """(errors by position, texts, spans, images, positions, turns) of the records that parse."""
     errors: Dict[int, RecordError] = {}
     texts, spans, images, pos, turns_ok = [], [], [], [], []
     for j, rec in enumerate(records):
@@ -105,9 +111,15 @@ def tokenize_chunk(tokenizer, records: Sequence, system: Optional[str] = None,
         images.append(image)
         pos.append(j)
         turns_ok.append(turns)
+    return errors, texts, spans, images, pos, turns_ok
+
+
+def token_arrays(tokenizer, texts: List[str], byte_lens: Optional[np.ndarray] = None, encs=None) -> tuple:
+    """(lengths, ids, [N, 2] offsets) of `texts`; `encs`: their `encode_batch` result when already made."""
     backend = _fast_backend(tokenizer)
     if backend is not None:
-        encs = backend.encode_batch(texts, add_special_tokens=False)
+        if encs is None:
+            encs = backend.encode_batch(texts, add_special_tokens=False)
         lens = np.fromiter((len(e.ids) for e in encs), np.int64, len(encs))
         ids = np.fromiter(chain.from_iterable(e.ids for e in encs), np.int32, int(lens.sum()))
         if byte_lens is not None:
@@ -120,7 +132,36 @@ def tokenize_chunk(tokenizer, records: Sequence, system: Optional[str] = None,
         lens = np.array([len(o["input_ids"]) for o in outs], np.int64)
         ids = np.array([i for o in outs for i in o["input_ids"]], np.int32)
         offs = np.array([a for o in outs for a in o["offset_mapping"]], np.int64).reshape(-1, 2)
-    return errors, texts, spans, images, pos, turns_ok, lens, ids, offs
+    return lens, ids, offs
+
+
+def pipelined_chunks(records: Iterable, tokenizer, system: Optional[str], byte_lens: Optional[np.ndarray]):
+    """(chunk, tokenized) for consecutive chunks of `records`, the Rust tokenizer one chunk ahead on a thread.
+
+    Why: `encode_batch` releases the GIL and keeps both cores busy, but the Python around it (JSON, chat texts,
+    arrays: ~30% of the time) runs on one core; started one chunk ahead, the tokenizer uses the other core meanwhile.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    backend = _fast_backend(tokenizer)
+    raw = without_nfc(backend)
+    it = iter(records)
+
+    def start(pool):
+        chunk = list(islice(it, CHUNK))
+        if not chunk:
+            return None
+        parsed = chat_texts(chunk, system)
+        fut = pool.submit(pick_backend(backend, raw, parsed[1]).encode_batch, parsed[1], add_special_tokens=False) \
+            if backend is not None else None
+        return chunk, parsed, fut
+
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as pool:
+        nxt = start(pool)
+        while nxt is not None:
+            chunk, parsed, fut = nxt
+            nxt = start(pool)  # parsed while `chunk` tokenizes; its own tokenization queues behind
+            yield chunk, parsed + token_arrays(tokenizer, parsed[1], byte_lens, fut.result() if fut else None)
 
 
 def finish_chunk(tokenized: tuple, tokenizer, image_seq_length: int, max_seq_len: Optional[int] = None,
@@ -320,14 +361,10 @@ def prepare_records(records: Iterable, tokenizer, image_seq_length: int, max_seq
         show_progress = total is None or total >= 10 * CHUNK
     bar = progress(total, f"prepare {Path(source).name}", "rec") if show_progress else None
     first_error = None
-    it = iter(records)
     byte_lens = token_byte_lengths(_fast_backend(tokenizer))
     c = 0
-    while True:
-        chunk = list(islice(it, CHUNK))
-        if not chunk:
-            break
-        enc = encode_chunk(tokenizer, chunk, image_seq_length, max_seq_len, system, img_id, byte_lens=byte_lens)
+    for chunk, tokenized in pipelined_chunks(records, tokenizer, system, byte_lens):
+        enc = finish_chunk(tokenized, tokenizer, image_seq_length, max_seq_len, img_id)
         for j, e in enc.errors.items():
             rid = record_id(chunk[j], c + j)
             if first_error is None:
