@@ -99,6 +99,7 @@ def assemble(
     vision_feature_layer: int = -1,
     seed: int = 0,
     dtype: Optional[str] = None,
+    projector_hidden_act: str = "gelu_pytorch_tanh",
 ) -> Path:
     from transformers import AutoTokenizer
 
@@ -124,7 +125,8 @@ def assemble(
         "image_seq_length": num_patches,
         "vision_feature_layer": vision_feature_layer,
         "vision_feature_select_strategy": "full",
-        "projector_hidden_act": "gelu",
+        # the tanh GELU: transformers, vLLM and llama.cpp's mlp projector compute it alike (llama.cpp has no erf one)
+        "projector_hidden_act": projector_hidden_act,
         "multimodal_projector_bias": True,
         "tie_word_embeddings": bool(tcfg.get("tie_word_embeddings", False)),
     }

@@ -125,11 +125,16 @@ class ImageProcessor:
             "image_std": list(self.image_std),
         }
 
-    def preprocess_one(self, image: Union[str, Path, Image.Image]) -> np.ndarray:
+    def resized(self, image: Union[str, Path, Image.Image]) -> Image.Image:
+        """The RGB picture the tower sees, before rescaling (what the GGUF runner hands llama.cpp, so that its own
+        pad-to-square and resampler never run)."""
         img = to_rgb(load_image(image))
         if self.do_resize:
             img = img.resize((self.size, self.size), resample=_RESAMPLE.get(self.resample, Image.BICUBIC))
-        x = np.asarray(img)
+        return img
+
+    def preprocess_one(self, image: Union[str, Path, Image.Image]) -> np.ndarray:
+        x = np.asarray(self.resized(image))
         if self.do_rescale:
             x = (x.astype(np.float64) * self.rescale_factor).astype(np.float32)  # as transformers' rescale
         else:

@@ -14,12 +14,16 @@ from ..units import DTYPE_NAMES
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write the student to.")
 @click.option("--vision-feature-layer", default=-1, show_default=True, type=int,
               help="Which vision hidden state feeds the projector (-1: last layer, before post-layernorm).")
+@click.option("--projector-act", type=click.Choice(["gelu_pytorch_tanh", "gelu"]), default="gelu_pytorch_tanh",
+              show_default=True, help="The projector's GELU: the tanh approximation runs identically in transformers, "
+                                      "vLLM and llama.cpp (whose mlp projector has no exact-erf GELU); 'gelu' is "
+                                      "llava-hf's exact erf.")
 @click.option("--pico", is_flag=True, help="Build a tiny random student offline instead (no checkpoints needed).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the projector (and pico) initialisation.")
 @click.option("--dtype", type=click.Choice(DTYPE_NAMES), default=None,
               help="Cast all weights to this dtype (default: keep each backbone's dtype).")
 @click.option("--force", is_flag=True, help="Replace --out if it already exists and is not empty.")
-def init(vision, language, out, vision_feature_layer, pico, seed, dtype, force):
+def init(vision, language, out, vision_feature_layer, projector_act, pico, seed, dtype, force):
     """Assemble a new student: SigLIP vision tower + fresh projector + Qwen2 LM, saved as a llava-hf directory.
 
     The directory loads in transformers as LlavaForConditionalGeneration and in bonsai-mlx everywhere a --model is
@@ -44,7 +48,8 @@ def init(vision, language, out, vision_feature_layer, pico, seed, dtype, force):
             raise BonsaiError("pass both --vision and --language (or --pico for a tiny offline student)")
         from ..assemble import assemble
 
-        assemble(vision, language, out, vision_feature_layer=vision_feature_layer, seed=seed, dtype=dtype)
+        assemble(vision, language, out, vision_feature_layer=vision_feature_layer, seed=seed, dtype=dtype,
+                 projector_hidden_act=projector_act)
     click.echo(f"wrote student to {out} in {time.perf_counter() - t0:.1f}s")
 
 

@@ -171,8 +171,8 @@ def _store(writer, name: str, w: np.ndarray, want, counts: Counter) -> None:
         writer.add_tensor(name, quants.quantize(np.ascontiguousarray(w, np.float32), want), raw_dtype=want)
 
 
-def _write(writer, path: Path) -> None:
-    writer.write_header_to_file(path=path)
+def _write(writer) -> None:
+    writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
     writer.close()
@@ -223,7 +223,7 @@ def write_text_gguf(path: Path, weights: Dict[str, np.ndarray], config, tokenize
             continue
         head = gname == "output.weight" or (tied and gname == "token_embd.weight")
         _store(w, gname, arr, q.Q8_0 if head and type_ == "q4_0" else base, counts)
-    _write(w, path)
+    _write(w)
     return counts
 
 
@@ -258,7 +258,7 @@ def write_mmproj_gguf(path: Path, weights: Dict[str, np.ndarray], config, image_
         for i, rows in ((0, weights["multi_modal_projector.linear_1.weight"].shape[0]),
                         (2, weights["multi_modal_projector.linear_2.weight"].shape[0])):
             _store(w, f"mm.{i}.bias", np.zeros(rows, np.float32), q.F32, counts)
-    _write(w, path)
+    _write(w)
     return counts
 
 
