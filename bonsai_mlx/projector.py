@@ -16,7 +16,7 @@ class MultiModalProjector(nn.Module):
     def __init__(self, vision_dim: int, text_dim: int, act: str = "gelu", bias: bool = True, num_feature_layers: int = 1):
         super().__init__()
         self.linear_1 = nn.Linear(vision_dim * num_feature_layers, text_dim, bias=bias)
-        self.act = activation(act)
+        self.act = activation(act, "projector_hidden_act")
         self.linear_2 = nn.Linear(text_dim, text_dim, bias=bias)
 
     def __call__(self, x: mx.array) -> mx.array:

@@ -17,6 +17,8 @@ from typing import List, Optional, Tuple
 import mlx.core as mx
 import mlx.nn as nn
 
+from .errors import BonsaiError
+
 
 @dataclass
 class VisionConfig:
@@ -52,11 +54,13 @@ _ACTIVATIONS = {
 }
 
 
-def activation(name: str):
+def activation(name: str, field: str = "activation"):
+    """The MLX function for a transformers ACT2FN name; a config.json naming another is one line naming `field`."""
     try:
         return _ACTIVATIONS[name]
-    except KeyError:
-        raise ValueError(f"unsupported activation {name!r}; supported: {sorted(_ACTIVATIONS)}") from None
+    except (KeyError, TypeError):
+        raise BonsaiError(f"config.json {field} {name!r} is not supported; supported: {sorted(_ACTIVATIONS)}") \
+            from None
 
 
 class Attention(nn.Module):
@@ -87,7 +91,7 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: VisionConfig):
         super().__init__()
-        self.act = activation(config.hidden_act)
+        self.act = activation(config.hidden_act, "vision_config.hidden_act")
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size, bias=True)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size, bias=True)
 

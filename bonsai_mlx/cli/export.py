@@ -7,7 +7,7 @@ import click
 from ..errors import BonsaiError
 from ..units import DTYPE_NAMES
 
-GGUF_TYPES = ("f16", "q8_0", "q4_0")  # export/gguf.py TYPES (not imported: the CLI loads no exporter until run)
+GGUF_TYPES = ("f32", "f16", "q8_0", "q4_0")  # export/gguf.py TYPES (not imported: the CLI loads no exporter until run)
 
 
 @click.command()
@@ -46,8 +46,8 @@ def fuse(model, adapter, out, dequantize, force):
 @click.option("--shard-size", default=None, help="(hf) Largest safetensors shard, e.g. 2GB, 500MB [default: 2GB].")
 @click.option("--peft", is_flag=True, help="(hf) Also write the adapters as a PEFT LoRA adapter in OUT/peft.")
 @click.option("--type", "type_", type=click.Choice(GGUF_TYPES), default=None,
-              help="(gguf) What the text GGUF stores: f16, q8_0, or q4_0 (head Q8_0) [default: f16]; the mmproj is "
-                   "F16.")
+              help="(gguf) What the text GGUF stores: f16, q8_0, q4_0 (head Q8_0), or f32 (exact, for checking) "
+                   "[default: f16]; the mmproj is F16 (F32 with f32).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 def export(model, adapter, out, fmt, dtype, shard_size, peft, type_, force):
     """Export to transformers (default) or llama.cpp GGUF, fusing an adapter if given.
@@ -84,7 +84,8 @@ def _gguf(model, adapter, out, type_, force):
               help="Training checkpoint whose LoRA adapters and projector are fused in.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory to write.")
 @click.option("--type", "type_", type=click.Choice(GGUF_TYPES), default="f16", show_default=True,
-              help="What the text GGUF stores: f16, q8_0, or q4_0 (the output head Q8_0); the mmproj is F16.")
+              help="What the text GGUF stores: f16, q8_0, q4_0 (the output head Q8_0), or f32 (exact, for checking); "
+                   "the mmproj is F16 (F32 with f32).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists and is not empty.")
 def export_gguf(model, adapter, out, type_, force):
     """Export to llama.cpp: OUT/NAME-TYPE.gguf (qwen2) and OUT/mmproj-NAME-F16.gguf (SigLIP + mlp projector).

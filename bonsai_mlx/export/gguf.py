@@ -17,10 +17,11 @@ Why our own: llama.cpp's `convert_hf_to_gguf.py --mmproj` handles no SigLIP + ML
   `v.post_ln`: llama.cpp applies it before taking the features when it exists, while llava-hf's features are the
   tower's hidden states before it.
 
-Types (`--type`): f16 stores every matrix as F16; q8_0 as Q8_0; q4_0 as Q4_0 except the output head (and so a tied
+Types (`--type`): f32 stores everything as F32 (with an F32 mmproj: exact, for checking — llama.cpp then matches
+transformers to float32 rounding on text); f16 stores every matrix as F16; q8_0 as Q8_0; q4_0 as Q4_0 except the output head (and so a tied
 `token_embd`), which is Q8_0 — as `llama-quantize` does (its Q6_K head falls back to Q8_0 at width 896). Vectors
 (norms, biases) stay F32; a matrix whose rows do not split into 32-blocks falls back to F16. The mmproj is F16 for
-every type (the tower is small and sensitive; llama.cpp's own mmproj files are F16). Each file is written under a
+every other type (the tower is small and sensitive; llama.cpp's own mmproj files are F16). Each file is written under a
 temporary name in a temporary directory and renamed whole (`atomic_dir`).
 """
 
@@ -36,7 +37,7 @@ import numpy as np
 
 from ..errors import BonsaiError
 
-TYPES = ("f16", "q8_0", "q4_0")
+TYPES = ("f32", "f16", "q8_0", "q4_0")
 # Qwen2's pre-tokenizer split (tokenizer.json of Qwen/Qwen2.5-*): llama.cpp's `qwen2` pre-tokenizer is this regex
 QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
                r"|\s+(?!\S)|\s+")
@@ -187,7 +188,7 @@ def write_text_gguf(path: Path, weights: Dict[str, np.ndarray], config, tokenize
     q = gguf.GGMLQuantizationType
     tc = config.text_config
     w = gguf.GGUFWriter(str(path), "qwen2")
-    ftype = {"f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    ftype = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
              "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0}[type_]
     w.add_name(name)
     w.add_file_type(ftype)
@@ -214,7 +215,7 @@ def write_text_gguf(path: Path, weights: Dict[str, np.ndarray], config, tokenize
         w.add_pad_token_id(int(tokenizer.pad_token_id))
     w.add_add_bos_token(False)
     w.add_chat_template(CHAT_TEMPLATE)
-    base = {"f16": q.F16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}[type_]
+    base = {"f32": q.F32, "f16": q.F16, "q8_0": q.Q8_0, "q4_0": q.Q4_0}[type_]
     tied = "language_model.lm_head.weight" not in weights
     counts: Counter = Counter()
     for hf, arr in weights.items():
@@ -228,7 +229,7 @@ def write_text_gguf(path: Path, weights: Dict[str, np.ndarray], config, tokenize
 
 
 def write_mmproj_gguf(path: Path, weights: Dict[str, np.ndarray], config, image_processor, feature_layer: int,
-                      name: str) -> Counter:
+                      name: str, f32: bool = False) -> Counter:
     import gguf
 
     q = gguf.GGMLQuantizationType
@@ -236,7 +237,7 @@ def write_mmproj_gguf(path: Path, weights: Dict[str, np.ndarray], config, image_
     w = gguf.GGUFWriter(str(path), "clip")
     w.add_type(gguf.GGUFType.MMPROJ)
     w.add_name(name)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32 if f32 else gguf.LlamaFileType.MOSTLY_F16)
     w.add_bool("clip.has_vision_encoder", True)
     w.add_string("clip.projector_type", "mlp")
     w.add_bool("clip.use_gelu", True)  # the tower's tanh GELU (unset: quick-GELU)
@@ -253,7 +254,7 @@ def write_mmproj_gguf(path: Path, weights: Dict[str, np.ndarray], config, image_
     for hf, arr in weights.items():
         gname = vision_name(hf)
         if gname is not None:
-            _store(w, gname, arr, q.F16, counts)
+            _store(w, gname, arr, q.F32 if f32 else q.F16, counts)
     if not config.multimodal_projector_bias:  # llama.cpp's mlp projector adds its biases unconditionally
         for i, rows in ((0, weights["multi_modal_projector.linear_1.weight"].shape[0]),
                         (2, weights["multi_modal_projector.linear_2.weight"].shape[0])):
@@ -268,13 +269,15 @@ def describe(counts: Counter) -> str:
 
 def export_gguf(model_path: str, out: Union[str, Path], adapter: Optional[str] = None, type_: str = "f16",
                 force: bool = False, log=print) -> Dict[str, Path]:
-    """Write `OUT/<name>-<TYPE>.gguf` and `OUT/mmproj-<name>-F16.gguf`; returns {"model": path, "mmproj": path}."""
+    """Write `OUT/<name>-<TYPE>.gguf` and `OUT/mmproj-<name>-F16.gguf` (`-F32` for type f32); returns
+    {"model": path, "mmproj": path}."""
     from transformers import AutoTokenizer
 
     from ..adapters import fuse_lora
     from ..atomic import atomic_dir
     from ..hub import resolve
-    from ..io import load
+    from ..io import load, load_config
+    from ..model import ModelConfig
     from ..processing import ImageProcessor
 
     try:
@@ -292,17 +295,20 @@ def export_gguf(model_path: str, out: Union[str, Path], adapter: Optional[str] =
     if not tj.exists():
         raise BonsaiError(f"{src} has no tokenizer.json (the GGUF vocabulary is written from it)")
     tokenizer_json = json.loads(tj.read_text(encoding="utf-8"))
+    config = ModelConfig.from_dict(load_config(src))  # refused before any weight is read
+    image_processor = ImageProcessor.from_pretrained(src, default_size=config.vision_config.image_size)
+    feature_layer = check_exportable(config, tokenizer_json, image_processor, warn=log)
     model, _ = load(src, adapter=adapter)
-    image_processor = ImageProcessor.from_pretrained(src, default_size=model.config.vision_config.image_size)
-    feature_layer = check_exportable(model.config, tokenizer_json, image_processor, warn=log)
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     fuse_lora(model, dequantize=True)
     weights = {k: np.asarray(v.astype(_f32()), np.float32) for k, v in model.hf_weights().items()}
     name = src.name or "bonsai-student"
-    files = {"model": f"{name}-{type_.upper()}.gguf", "mmproj": f"mmproj-{name}-F16.gguf"}
+    mm = "F32" if type_ == "f32" else "F16"
+    files = {"model": f"{name}-{type_.upper()}.gguf", "mmproj": f"mmproj-{name}-{mm}.gguf"}
     with atomic_dir(out) as tmp:
         tc = write_text_gguf(tmp / files["model"], weights, model.config, tokenizer, tokenizer_json, type_, name)
-        vc = write_mmproj_gguf(tmp / files["mmproj"], weights, model.config, image_processor, feature_layer, name)
+        vc = write_mmproj_gguf(tmp / files["mmproj"], weights, model.config, image_processor, feature_layer, name,
+                               f32=type_ == "f32")
     log(f"{files['model']}: {describe(tc)} tensors; {files['mmproj']}: {describe(vc)} tensors")
     return {k: out / v for k, v in files.items()}
 

@@ -20,7 +20,7 @@ from ..errors import BonsaiError
 
 class LlamaCppRunner:
     def __init__(self, model: Union[str, Path], mmproj: Optional[Union[str, Path]] = None, n_ctx: int = 2048,
-                 n_threads: Optional[int] = None, logits_all: bool = False):
+                 n_threads: Optional[int] = None, logits_all: bool = False, exact: bool = False):
         try:
             import llama_cpp
         except ImportError:
@@ -28,8 +28,11 @@ class LlamaCppRunner:
         from llama_cpp._utils import suppress_stdout_stderr
 
         self.lc = llama_cpp
+        # exact: an F32 KV cache and no flash attention (whose CPU kernel rounds K/V to F16), for parity checks; by
+        # default llama.cpp's own settings, as its users run it
+        kw = dict(type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, flash_attn=False) if exact else {}
         self.llm = llama_cpp.Llama(model_path=str(model), n_ctx=n_ctx, n_batch=512, n_threads=n_threads,
-                                   logits_all=logits_all, verbose=False)
+                                   logits_all=logits_all, verbose=False, **kw)
         self.n_vocab = self.llm.n_vocab()
         self.mtmd = None
         if mmproj is not None:
@@ -40,6 +43,8 @@ class LlamaCppRunner:
             params.use_gpu = False
             params.print_timings = False
             params.warmup = False
+            if exact:
+                params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
             params.n_threads = self.llm.n_threads
             with suppress_stdout_stderr(disable=False):
                 self.mtmd = mtmd_cpp.mtmd_init_from_file(str(mmproj).encode(), self.llm.model, params)
@@ -117,12 +122,15 @@ class LlamaCppRunner:
         self.llm.eval(after)
 
     def greedy(self, ids: Sequence[int], max_tokens: int, image=None, image_token_id: Optional[int] = None,
-               stop: Sequence[int] = ()) -> List[int]:
-        """Greedy (argmax) continuation of `ids`, up to `max_tokens` or a `stop` id (included)."""
+               stop: Sequence[int] = (), suppress: Sequence[int] = ()) -> List[int]:
+        """Greedy (argmax) continuation of `ids`, up to `max_tokens` or a `stop` id (included); `suppress`: ids never
+        chosen (as transformers' `min_new_tokens` masks EOS)."""
         self.prefill(ids, image, image_token_id)
         out: List[int] = []
         for _ in range(max_tokens):
-            tok = int(np.argmax(self.last_logits()))
+            logits = self.last_logits()
+            logits[list(suppress)] = -np.inf
+            tok = int(np.argmax(logits))
             out.append(tok)
             if tok in stop or len(out) == max_tokens:
                 break
