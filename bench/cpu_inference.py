@@ -52,11 +52,11 @@ def worker_bonsai(model_dir: str, tokens: int, quantize: int) -> dict:
 
 
 def worker_transformers(export_dir: str, tokens: int) -> dict:
-    import resource
-
+    sys.path.insert(0, str(HERE))
     import numpy as np
     import torch
     from PIL import Image
+    from rss import peak_rss_gb
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     torch.manual_seed(0)
@@ -76,7 +76,7 @@ def worker_transformers(export_dir: str, tokens: int) -> dict:
         total = time.perf_counter() - t
     n = out.shape[1] - inputs["input_ids"].shape[1]
     return {"ttft_s": ttft, "decode_tps": (n - 1) / max(total - ttft, 1e-9),
-            "peak_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+            "peak_gb": peak_rss_gb(),
             "prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": int(n), "threads": torch.get_num_threads()}
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -25,12 +24,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from rss import peak_rss_gb  # noqa: E402
+
 PROMPT = ("Look at the picture carefully and describe every object you can see, its colour, its shape and where it "
           "is in the image.")
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
 def worker_llama(gguf_dir: str, type_: str, tokens: int, threads: int) -> dict:
