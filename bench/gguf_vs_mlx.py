@@ -4,7 +4,8 @@ is measured against.
 
     python bench/gguf_vs_mlx.py [--tokens 64] [--rounds 3] [--threads N]
 
-Real-size random-weight student (SigLIP-B/16-224 + Qwen2.5-0.5B shapes), one 224×224 image + a ~30-token prompt,
+Real-size random-weight student (SigLIP-B/16-224 + Qwen2.5-0.5B shapes; bonsai-mlx 4-bit loads it saved 4-bit, as
+`bonsai-mlx fuse` writes it, so that its peak is not the float checkpoint's), one 224×224 image + a ~30-token prompt,
 greedy, exactly --tokens new tokens (EOS off). Each configuration runs in its own process (clean peak RSS),
 --rounds times, alternating (this VM's speed drifts): medians of TTFT and decode, the largest peak RSS. llama.cpp
 runs through llama-cpp-python (built from its sdist, `pip install -e '.[llama]'`) with the image handed over as our
@@ -123,6 +124,11 @@ def main():
     model, side = real_size_student(mx.float32)
     save_model(model, tmp / "student", extra_files_from=side)
     del model
+    from bonsai_mlx.io import load_model
+
+    q4 = load_model(tmp / "student", quantize=4)  # the 4-bit student as saved on disk (loads without the floats)
+    save_model(q4, tmp / "student_q4", extra_files_from=tmp / "student")
+    del q4
     for t in ("q4_0", "q8_0", "f16"):
         export_gguf(str(tmp / "student"), tmp / "gguf" if t == "q4_0" else tmp / f"gguf_{t}", type_=t, log=print)
     for t in ("q8_0", "f16"):  # one folder, one mmproj
@@ -132,7 +138,7 @@ def main():
           "threads", flush=True)
     g = str(tmp / "gguf")
     configs = {"llama.cpp Q4_0": ["LQ4_0", g], "llama.cpp Q8_0": ["LQ8_0", g], "llama.cpp F16": ["LF16", g],
-               "bonsai-mlx --quantize 4": ["b4", str(tmp / "student")],
+               "bonsai-mlx 4-bit": ["b0", str(tmp / "student_q4")],
                "bonsai-mlx float32": ["b0", str(tmp / "student")]}
     runs = {name: [] for name in configs}
     for i in range(args.rounds):
