@@ -13,7 +13,7 @@ import sys
 import click
 
 from ..errors import BonsaiError
-from . import demo, eval, export, generate, info, init, train
+from . import demo, eval, export, generate, info, init, serve, train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -31,7 +31,7 @@ def cli():
 
 
 for _cmd in (init.init, init.forward, generate.generate, info.info, train.train, train.plot, export.fuse,
-             export.export, info.doctor, eval.eval_cmd, eval.pope_build, demo.demo):
+             export.export, info.doctor, eval.eval_cmd, eval.pope_build, demo.demo, serve.serve):
     cli.add_command(_cmd)
 
 
