@@ -185,3 +185,39 @@ def test_a_client_that_leaves_mid_stream_frees_the_worker(served):
     r = client.chat.completions.create(model="tiny", messages=ask("Hi?", img), max_tokens=3)
     assert r.choices[0].message.content is not None
     assert server.engine.cancelled and server.engine.cancelled[-1] < 400  # it stopped early, at its next token
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path, tokenizer):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    d, _ = build_llava(tmp_path / "student", tokenizer, seed=7, noise=0.3)
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    p = subprocess.Popen([sys.executable, "-m", "bonsai_mlx", "serve", "--model", str(d), "--port", str(port)],
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                urllib.request.urlopen(url + "/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.1)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(model="x", messages=ask("Go on."), max_tokens=200, stream=True)
+        chunks = iter(stream)
+        next(chunks)
+        p.send_signal(signal.SIGTERM)  # mid-answer
+        rest = list(chunks)
+        assert rest and rest[-1].choices[0].finish_reason in ("stop", "length")  # the answer was finished, not cut
+        # uvicorn finishes in-flight requests, then re-raises the signal it caught (its documented behaviour)
+        assert p.wait(60) in (0, -signal.SIGTERM)
+        err = p.stderr.read()
+        assert "Traceback" not in err, err
+    finally:
+        if p.poll() is None:
+            p.kill()
