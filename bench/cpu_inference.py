@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,8 +54,8 @@ def worker_transformers(export_dir: str, tokens: int) -> dict:
     import numpy as np
     import torch
     from PIL import Image
-    from rss import peak_rss_gb
     from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from worker import peak_rss_gb
 
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration.from_pretrained(export_dir, dtype=torch.float32).eval()
@@ -80,14 +78,6 @@ def worker_transformers(export_dir: str, tokens: int) -> dict:
             "prompt_tokens": int(inputs["input_ids"].shape[1]), "new_tokens": int(n), "threads": torch.get_num_threads()}
 
 
-def run_worker(args: list, env=None) -> dict:
-    e = dict(os.environ, **(env or {}))
-    r = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True, env=e)
-    if r.returncode != 0:
-        raise SystemExit(f"worker {args} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
@@ -108,6 +98,7 @@ def main():
 
     sys.path.insert(0, str(HERE))
     from common import real_size_student
+    from worker import run_worker
 
     from bonsai_mlx.doctor import read_bandwidth
     from bonsai_mlx.export.hf import export
@@ -132,7 +123,7 @@ def main():
         for name, (worker, env) in configs.items():
             if env is not None and i > 0:
                 continue  # the reference-BLAS run takes minutes: once
-            runs[name].append(run_worker([*worker, str(args.tokens)], env=env))
+            runs[name].append(run_worker(__file__, [*worker, str(args.tokens)], env=env))
             r = runs[name][-1]
             print(f"  round {i + 1} {name}: TTFT {r['ttft_s']:.3f} s, {r['decode_tps']:.2f} tok/s, "
                   f"peak {r['peak_gb']:.3f} GB", flush=True)

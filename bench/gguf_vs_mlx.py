@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from rss import peak_rss_gb  # noqa: E402
+from worker import peak_rss_gb, run_worker  # noqa: E402
 
 PROMPT = ("Look at the picture carefully and describe every object you can see, its colour, its shape and where it "
           "is in the image.")
@@ -85,13 +84,6 @@ def worker_bonsai(student: str, quantize: int, tokens: int) -> dict:
             "prompt_tokens": r.prompt_tokens}
 
 
-def run_worker(args: list) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise SystemExit(f"worker {args} failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=64)
@@ -144,7 +136,7 @@ def main():
     for i in range(args.rounds):
         for name, w in configs.items():
             kind = w[0] if not w[0].startswith("L") else "L" + w[0][1:].lower()
-            r = run_worker([kind, w[1], str(args.tokens), str(threads)])
+            r = run_worker(__file__, [kind, w[1], str(args.tokens), str(threads)])
             runs[name].append(r)
             print(f"  round {i + 1} {name}: TTFT {r['ttft_s']:.3f} s, {r['decode_tps']:.2f} tok/s, "
                   f"peak RSS {r['peak_rss_gb']:.3f} GB", flush=True)
