@@ -104,7 +104,7 @@ def check_exportable(config, tokenizer_json: dict, image_processor, warn=print) 
                           "is linear → GELU → linear")
     if config.projector_hidden_act == "gelu":
         warn("warning: projector_hidden_act is 'gelu' (exact erf) but llama.cpp's 'mlp' projector computes the tanh "
-             "approximation: image answers may differ slightly there (students from `bonsai-mlx init` use "
+             "approximation: image answers may differ slightly there (students from `bonsai-mlx init`, not --pico, use "
              "'gelu_pytorch_tanh', which transformers, vLLM and llama.cpp all compute alike)")
     if config.vision_feature_select_strategy != "full":
         raise BonsaiError(f"vision_feature_select_strategy is {config.vision_feature_select_strategy!r}: SigLIP has "
