@@ -41,7 +41,7 @@ def served(tmp_path_factory, tokenizer):
     model, proc = load(d)
     img = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 48, 3), dtype=np.uint8))
     img.save(root / "x.png")
-    server = Server((model, proc), port=free_port(), api_key="sekrit", max_queue=1, max_body=300_000,
+    server = Server((model, proc), port=free_port(), api_key="sekrit", max_queue=1, max_concurrency=1, max_body=300_000,
                     max_pixels=100_000, model_name="tiny").start()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="sekrit", max_retries=0, timeout=60)
     yield server, client, model, proc, img, root
@@ -169,7 +169,7 @@ def test_a_full_queue_is_503_with_retry_after_and_nothing_is_lost(served):
         t.join(120)
     assert len(results) == 6  # every request answered
     statuses = sorted(s for s, _, _ in results)
-    assert 200 in statuses and 503 in statuses, statuses  # one runs, one waits (max_queue=1), the rest are refused
+    assert 200 in statuses and 503 in statuses, statuses  # one decodes, one waits (max_queue=1), the rest refused
     assert all(ra == "1" for s, _, ra in results if s == 503)
     assert set(statuses) <= {200, 503}
 
@@ -221,3 +221,31 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path, tokenizer):
     finally:
         if p.poll() is None:
             p.kill()
+
+
+def test_concurrent_streams_share_the_batch_and_each_gives_its_tokens_alone(tmp_path, tokenizer):
+    """4 streamed requests at once, decoded together (continuous batching), each give exactly the greedy tokens they
+    give alone — which are `generate`'s."""
+    d, _ = build_llava(tmp_path / "student", tokenizer, seed=7, noise=0.3)
+    model, proc = load(d)
+    imgs = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)) for i in range(4)]
+    prompts = ["What is in the picture?", "Describe it.", "Colour?", "Tell me a long story about it."]
+    alone = [generate(model, proc, p, image=im, max_tokens=24).text for p, im in zip(prompts, imgs, strict=True)]
+    with Server((model, proc), port=free_port(), max_concurrency=4) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        got = [None] * 4
+        barrier = threading.Barrier(4)
+
+        def one(i):
+            barrier.wait()
+            s = client.chat.completions.create(model="x", messages=ask(prompts[i], imgs[i]), max_tokens=24,
+                                               stream=True)
+            got[i] = "".join(c.choices[0].delta.content or "" for c in s if c.choices)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == alone
+        assert server.engine.max_batch >= 2  # they really were decoded together

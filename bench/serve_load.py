@@ -1,0 +1,155 @@
+"""`bonsai-mlx serve` under load, on loopback, in one run: aggregate decode tok/s with 1, 2, 4 and 8 concurrent
+streams (each stream's tokens after its first, over the time from the first stream's first token to the last
+stream's end), p50/p95 time to first token, a re-sent image conversation's second-turn TTFT against its first, and a
+bounded load run (N clients × M requests: every request answered or refused with 503, none lost; server RSS before
+and after).
+
+    python bench/serve_load.py [--tokens 64] [--quantize 4] [--clients 8] [--requests 3]
+
+Real-size random-weight student (SigLIP-B/16-224 + Qwen2.5-0.5B shapes), one 224×224 image per request, greedy. The
+server runs in this process (its own threads); the clients are threads using the official `openai` client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+PROMPT = "Look at the picture carefully and describe every object you can see."
+
+
+def rss_gb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1e6
+    return float("nan")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--quantize", type=int, default=4, choices=[0, 4, 8])
+    ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--requests", type=int, default=3)
+    args = ap.parse_args()
+
+    import bonsai_mlx  # noqa: F401
+
+    # isort: split
+    import mlx.core as mx
+    import numpy as np
+    import openai
+    from common import real_size_student
+    from PIL import Image
+
+    from bonsai_mlx.io import load, save_model
+    from bonsai_mlx.serve import Server
+
+    tmp = Path(tempfile.mkdtemp(prefix="bonsai-serve-bench-"))
+    model, side = real_size_student(mx.float32)
+    save_model(model, tmp / "student", extra_files_from=side)
+    del model
+    model, proc = load(tmp / "student", quantize=args.quantize or None)
+    proc.tokenizer.eos_token_ids = set()  # exactly --tokens per answer
+
+    def url_of(seed):
+        buf = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (224, 224, 3), dtype=np.uint8)).save(buf, "PNG")
+        return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+    images = [url_of(i) for i in range(16)]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = Server((model, proc), port=port, max_concurrency=8, max_queue=8).start()
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=600)
+
+    def stream(messages, out, max_tokens=args.tokens):
+        t0 = time.perf_counter()
+        first, n = None, 0
+        for c in client.chat.completions.create(model="x", messages=messages, max_tokens=max_tokens, stream=True):
+            if c.choices and c.choices[0].delta.content:
+                n += 1
+                if first is None:
+                    first = time.perf_counter()
+        out.append({"t0": t0, "first": first, "end": time.perf_counter(), "chunks": n})
+
+    def user(text, img):
+        return {"role": "user", "content": [{"type": "image_url", "image_url": {"url": img}},
+                                             {"type": "text", "text": text}]}
+
+    stream([user(PROMPT, images[15])], [], 4)  # warm-up
+    print(f"real-size random student, {'float32' if not args.quantize else f'{args.quantize}-bit'}; "
+          f"{args.tokens} tokens per answer; server on {server.url}", flush=True)
+    base = None
+    for n in (1, 2, 4, 8):
+        out: list = []
+        threads = [threading.Thread(target=stream, args=([user(PROMPT, images[i])], out)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        t_first = min(r["first"] for r in out)
+        t_end = max(r["end"] for r in out)
+        tps = n * (args.tokens - 1) / (t_end - t_first)
+        ttft = sorted(r["first"] - r["t0"] for r in out)
+        base = base or tps
+        p95 = ttft[min(len(ttft) - 1, int(round(0.95 * (len(ttft) - 1))))]
+        print(f"  {n} stream(s): aggregate decode {tps:.2f} tok/s (×{tps / base:.2f} of one stream; goal at 4: "
+              f">= 2.5), TTFT p50 {statistics.median(ttft):.2f} s, p95 {p95:.2f} s", flush=True)
+
+    # a chat that re-sends its history and image: the second turn's TTFT against the first's
+    turn1: list = []
+    conv = [user(PROMPT, images[14])]
+    stream(conv, turn1, 16)
+    conv += [{"role": "assistant", "content": "a picture"}, {"role": "user", "content": "And the colours?"}]
+    turn2: list = []
+    stream(conv, turn2, 16)
+    a, b = turn1[0]["first"] - turn1[0]["t0"], turn2[0]["first"] - turn2[0]["t0"]
+    print(f"  re-sent image conversation: first turn TTFT {a:.2f} s, second {b:.2f} s (×{b / a:.2f}; goal <= 0.25; "
+          f"the image's features come from the cache, the prompt is prefilled again)", flush=True)
+
+    # bounded load: clients × requests, all answered or refused with 503, memory back at idle
+    idle = rss_gb()
+    counts = {"ok": 0, "503": 0, "other": 0}
+    lock = threading.Lock()
+
+    def client_loop(c):
+        for r in range(args.requests):
+            try:
+                client.chat.completions.create(model="x", messages=[user(PROMPT, images[(c + r) % 14])],
+                                               max_tokens=16)
+                k = "ok"
+            except openai.APIStatusError as e:
+                k = "503" if e.status_code == 503 else "other"
+            with lock:
+                counts[k] += 1
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=client_loop, args=(c,)) for c in range(args.clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    total = args.clients * args.requests
+    time.sleep(1.0)
+    after = rss_gb()
+    print(f"  load: {args.clients} clients × {args.requests} requests in {time.perf_counter() - t0:.1f} s: "
+          f"{counts['ok']} answered, {counts['503']} refused (503), {counts['other']} other, "
+          f"{total - sum(counts.values())} lost; server RSS idle {idle:.2f} GB → after {after:.2f} GB", flush=True)
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()
