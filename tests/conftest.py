@@ -71,7 +71,7 @@ def to_published_layout(model_dir: Path) -> None:
 
 
 def build_llava(out: Path, tokenizer, vision_feature_layer=-1, layout="published", seed=0, tie=True, noise=0.02,
-                projector_hidden_act="gelu", **text_over):
+                projector_hidden_act="gelu", projector_bias=True, **text_over):
     """A tiny random SigLIP + Qwen2 `LlavaForConditionalGeneration`, saved with the tokenizer; returns (dir, hf model)."""
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
@@ -82,6 +82,7 @@ def build_llava(out: Path, tokenizer, vision_feature_layer=-1, layout="published
         vision_config=v, text_config=t, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy="full",
         projector_hidden_act=projector_hidden_act, image_seq_length=(32 // 8) ** 2, tie_word_embeddings=tie,
+        multimodal_projector_bias=projector_bias,
     )
     model = LlavaForConditionalGeneration(cfg).eval()
     # random init leaves LayerNorm/RMSNorm at exactly 1/0: perturb every parameter so parity covers them too

@@ -342,3 +342,27 @@ def test_export_cli_flags_and_the_erf_gelu_warning(tmp_path, tokenizer):
     assert r.returncode != 0 and "--dtype" in r.stderr and not (tmp_path / "b").exists()
     r = _export_cli("--model", str(d), "--out", str(tmp_path / "c"), "--type", "q4_k")
     assert r.returncode != 0 and "q4_k" in r.stderr
+
+
+def test_a_bias_free_projector_runs_in_llama_cpp_with_zero_biases(tmp_path, tokenizer):
+    """llama.cpp's mlp projector adds mm.0/mm.2 biases unconditionally: a bias-free projector is written with zero
+    biases, and llama.cpp then matches transformers on an image prompt (F32 files, exact mode)."""
+    d, _ = build_llava(tmp_path / "student", tokenizer, seed=3, noise=0.1, projector_hidden_act="gelu_pytorch_tanh",
+                       projector_bias=False)
+    hf = LlavaForConditionalGeneration.from_pretrained(str(export_hf(str(d), tmp_path / "hf"))).eval()
+    assert hf.config.multimodal_projector_bias is False
+    g = export_gguf(str(d), tmp_path / "g", type_="f32", log=lambda m: None)
+    from gguf import GGUFReader
+
+    biases = {x.name: x.data for x in GGUFReader(str(g["mmproj"])).tensors if x.name in ("mm.0.bias", "mm.2.bias")}
+    assert set(biases) == {"mm.0.bias", "mm.2.bias"} and all(not np.any(b) for b in biases.values())
+    proc = ImageProcessor.from_pretrained(d, default_size=32)
+    img = images(tmp_path)[2]
+    _, ids = chat_ids(tokenizer, PROMPTS[0], image=True, n_image=hf.config.image_seq_length)
+    with LlamaCppRunner(g["model"], g["mmproj"], exact=True) as run:
+        run.prefill(ids, image=proc.resized(img), image_token_id=hf.config.image_token_index)
+        ours = run.last_logits()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([ids]),
+                 pixel_values=torch.from_numpy(proc([img]).transpose(0, 3, 1, 2))).logits[0, -1].numpy()
+    assert np.abs(ours - ref).max() <= IMAGE_TOL * np.abs(ref).max()
