@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -159,6 +160,7 @@ def main():
     from bonsai_mlx.cpu import blas, qmm
 
     print(f"BLAS: {blas.status}; quantized kernel: {qmm.status()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # the student and its export (~4.4 GB)
 
 if __name__ == "__main__":
     main()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -152,6 +153,7 @@ def main():
               f"{r['decode_tps'] / base['decode_tps']:>7.2f}{r['peak_rss_gb']:>13.3f}"
               f"{r['peak_rss_gb'] / base['peak_rss_gb']:>7.2f}")
     print(f"bonsai-mlx quantized kernel: {qmm.status()}")
+    shutil.rmtree(tmp, ignore_errors=True)  # ~5 GB of models and GGUFs
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import base64
 import io
+import shutil
 import socket
 import statistics
 import sys
@@ -149,6 +150,7 @@ def main():
           f"{counts['ok']} answered, {counts['503']} refused (503), {counts['other']} other, "
           f"{total - sum(counts.values())} lost; server RSS idle {idle:.2f} GB → after {after:.2f} GB", flush=True)
     server.stop()
+    shutil.rmtree(tmp, ignore_errors=True)  # the real-size student (~2 GB)
 
 
 if __name__ == "__main__":
