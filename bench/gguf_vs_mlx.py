@@ -38,7 +38,6 @@ def worker_llama(gguf_dir: str, type_: str, tokens: int, threads: int) -> dict:
 
     from bonsai_mlx.export.llama_runner import LlamaCppRunner
     from bonsai_mlx.io import load_config
-    from bonsai_mlx.processing import Processor  # noqa: F401  (the prompt ids come from the student's processor)
 
     d = Path(gguf_dir)
     student = d.parent / "student"
