@@ -15,7 +15,8 @@ using namespace nb::literals;
 NB_MODULE(_qmm, m) {
   m.doc() = "bonsai-mlx: vectorized quantized matmul for MLX's affine format on the CPU";
   m.def("quantized_matmul", &bonsai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "transpose"_a = true,
-        "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "bias"_a = nb::none(), "stream"_a = nb::none(),
+        "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "bias"_a = nb::none(), "row_kernel_rows"_a = 0,
+        "stream"_a = nb::none(),
         "x @ dequantize(w).T (transpose) or x @ dequantize(w), float32, as mx.quantized_matmul computes it.");
   m.def("rms_norm", &bonsai::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "mx.fast.rms_norm as one CPU op (float32, no vjp).");
@@ -28,15 +29,16 @@ NB_MODULE(_qmm, m) {
   m.def(
       "decode_block",
       [](const std::vector<mx::array>& inputs, float eps, int n_heads, int n_kv_heads, int head_dim,
-         bool rope_traditional, float rope_base, float rope_scale, int offset, float attn_scale, int group_size,
-         int bits, int bias_mask) {
+         bool rope_traditional, float rope_base, float rope_scale, const std::vector<int>& offsets, float attn_scale,
+         int group_size, int bits, int bias_mask) {
         bonsai::BlockParams p{eps, n_heads, n_kv_heads, head_dim, rope_traditional, rope_base, rope_scale,
-                              offset, attn_scale, group_size, bits, bias_mask};
+                              offsets, attn_scale, group_size, bits, bias_mask};
         return bonsai::decode_block(inputs, p);
       },
       "inputs"_a, nb::kw_only(), "eps"_a, "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "rope_traditional"_a,
-      "rope_base"_a, "rope_scale"_a, "offset"_a, "attn_scale"_a, "group_size"_a, "bits"_a, "bias_mask"_a,
-      "One token through a quantized Qwen2/Llama block (csrc/decode_block.h): [output, new key, new value].");
+      "rope_base"_a, "rope_scale"_a, "offsets"_a, "attn_scale"_a, "group_size"_a, "bits"_a, "bias_mask"_a,
+      "One token per sequence through a quantized Qwen2/Llama block (csrc/decode_block.h): "
+      "[output, new key 0, new value 0, new key 1, ...].");
   m.def("kernel_isa", &bonsai::kernel_isa, "The row kernel in use: avx2+fma, neon or portable.");
   m.def("activations", &bonsai::activations,
         "int8: 4-bit products of fewer than int8_rows() rows round the activations to int8 per block of 32; "

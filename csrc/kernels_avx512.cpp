@@ -104,6 +104,11 @@ static void q8_block(const QmmArgs& a, int n, int m0) {
 void rows_q8_avx512(const QmmArgs& a, int n0, int n1) {
   if (a.bits != 4) return rows_q8_portable(a, n0, n1);
   int m = 0;
+  for (; m + 4 <= a.M; m += 4) {  // a batch of sequences (the server): four rows share each weight load
+    int n = n0;
+    for (; n + 2 <= n1; n += 2) q8_block<4, 2>(a, n, m);
+    for (; n < n1; ++n) q8_block<4, 1>(a, n, m);
+  }
   for (; m + 2 <= a.M; m += 2) {
     int n = n0;
     for (; n + 2 <= n1; n += 2) q8_block<2, 2>(a, n, m);

@@ -164,6 +164,7 @@ std::string kernel_isa() {
 }
 
 int num_threads() { return pool().size(); }
+void parallel_for(int n, const std::function<void(int, int)>& f, int align) { pool().parallel_for(n, f, true, align); }
 std::string activations() { return q8_kernel() ? "int8" : "float"; }
 void set_activations(const std::string& kind) {
   if (kind != "int8" && kind != "float")
@@ -175,7 +176,7 @@ void set_num_threads(int n) { pool().resize(n); }
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
                            bool transpose, int group_size, int bits, const std::optional<mx::array>& bias,
-                           mx::StreamOrDevice s) {
+                           int row_kernel_rows, mx::StreamOrDevice s) {
   check_inputs(x, w, scales, biases, group_size, bits, transpose);
   auto st = mx::to_stream(s);
   const int N = w.shape(0), K = w.shape(1) * 32 / bits;
@@ -190,7 +191,8 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
       throw std::invalid_argument("[bonsai.quantized_matmul] bias must be [N], with transpose=True");
     inputs.push_back(f32(*bias));
   }
-  return mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(st, group_size, bits, transpose), inputs);
+  return mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(st, group_size, bits, transpose, row_kernel_rows),
+                   inputs);
 }
 
 
@@ -215,9 +217,9 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   const int M = static_cast<int>(x.size() / std::max(inner, 1));
   const mx::array bias = has_bias ? inputs[4] : x;  // x: a placeholder, unused without a bias
   enc.dispatch([x, w, scales, biases, bias, has_bias, yp = out.data<float>(), M, N, K, gs, bits,
-                transpose = transpose_]() {
+                transpose = transpose_, rows = row_kernel_rows_]() {
     if (M == 0) return;
-    product(x, w, scales, biases, yp, M, N, K, gs, bits, transpose);
+    product(x, w, scales, biases, yp, M, N, K, gs, bits, transpose, rows);
     if (has_bias) {
       std::vector<float> bb;
       const float* b = row_major(bias, bb);
@@ -229,18 +231,18 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
 
 void QuantizedMatmul::product(const mx::array& x, const mx::array& w, const mx::array& scales,
                               const mx::array& biases, float* yp, int M, int N, int K, int gs, int bits,
-                              bool transpose) {
+                              bool transpose, int row_kernel_rows) {
   std::vector<float> xb, sb, bb;
   std::vector<uint32_t> wb;
   product_rows(row_major(x, xb), row_major(w, wb), row_major(scales, sb), row_major(biases, bb), yp, M, N, K, gs,
-               bits, transpose);
+               bits, transpose, row_kernel_rows);
 }
 
 void product_rows(const float* xp, const uint32_t* wp, const float* sp, const float* bp, float* yp, int M, int N,
-                  int K, int gs, int bits, bool transpose) {
+                  int K, int gs, int bits, bool transpose, int row_kernel_rows) {
   {
     const int G = K / gs;
-    if (transpose && M < many_rows()) {
+    if (transpose && M < (row_kernel_rows > 0 ? row_kernel_rows : many_rows())) {
       // few rows: per-group sums of x, then the int8 activations (q8 kernels) or the 4-bit chunk order (float
       // kernels), then the row kernel over output slices
       std::vector<float> xsum, xperm, xd, xdsum;
@@ -323,7 +325,7 @@ std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primal
       throw std::invalid_argument("[bonsai.quantized_matmul] gradients only for the input (the weights are frozen)");
     // d/dx of x @ W^T is cot @ W, and of x @ W is cot @ W^T: the same primitive, transposed the other way
     out.push_back(quantized_matmul(cotangents[0], primals[1], primals[2], primals[3], !transpose_, group_size_, bits_,
-                                   std::nullopt, stream()));
+                                   std::nullopt, 0, stream()));
   }
   return out;
 }
@@ -337,7 +339,8 @@ std::vector<mx::Shape> QuantizedMatmul::output_shapes(const std::vector<mx::arra
 
 bool QuantizedMatmul::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const QuantizedMatmul&>(other);
-  return group_size_ == o.group_size_ && bits_ == o.bits_ && transpose_ == o.transpose_;
+  return group_size_ == o.group_size_ && bits_ == o.bits_ && transpose_ == o.transpose_ &&
+         row_kernel_rows_ == o.row_kernel_rows_;
 }
 
 }  // namespace bonsai

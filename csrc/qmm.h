@@ -9,6 +9,7 @@
 //     library the process loaded), never a full dequantized copy of the layer.
 #pragma once
 
+#include <functional>
 #include <optional>
 
 #include "mlx/ops.h"
@@ -22,12 +23,14 @@ namespace bonsai {
 // bias: the layer's own [N] bias, added in the same op (transpose only).
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, bool transpose, int group_size, int bits,
-                           const std::optional<mx::array>& bias = std::nullopt, mx::StreamOrDevice s = {});
+                           const std::optional<mx::array>& bias = std::nullopt, int row_kernel_rows = 0,
+                           mx::StreamOrDevice s = {});
 
 class QuantizedMatmul : public mx::Primitive {
  public:
-  QuantizedMatmul(mx::Stream stream, int group_size, int bits, bool transpose)
-      : mx::Primitive(stream), group_size_(group_size), bits_(bits), transpose_(transpose) {}
+  QuantizedMatmul(mx::Stream stream, int group_size, int bits, bool transpose, int row_kernel_rows = 0)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits), transpose_(transpose),
+        row_kernel_rows_(row_kernel_rows) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -40,16 +43,22 @@ class QuantizedMatmul : public mx::Primitive {
  private:
   // y [M, N or K] = x @ dequantize(w).T (or x @ dequantize(w)), on the calling thread and the pool
   static void product(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
-                      float* yp, int M, int N, int K, int gs, int bits, bool transpose);
+                      float* yp, int M, int N, int K, int gs, int bits, bool transpose, int row_kernel_rows);
   int group_size_;
   int bits_;
   bool transpose_;
+  int row_kernel_rows_;  // product_rows' bound (0: the default crossover)
 };
 
 // The product on row-major buffers (x [M, K] or [M, N], w [N, K*bits/32], scales/biases [N, K/g]) into y, on the
 // calling thread and the pool: what QuantizedMatmul's task runs, and decode_block.cpp's layers.
+// row_kernel_rows: inputs with fewer rows use the row kernels (0: many_rows(), the prefill crossover); a decode step of
+// a batch of sequences passes its own bound, since re-dequantizing every weight per step costs far more there.
 void product_rows(const float* x, const uint32_t* w, const float* scales, const float* biases, float* y, int M, int N,
-                  int K, int group_size, int bits, bool transpose);
+                  int K, int group_size, int bits, bool transpose, int row_kernel_rows = 0);
+
+// f over [0, n) in chunks on the calling thread and the kernel's pool (threadpool.h)
+void parallel_for(int n, const std::function<void(int, int)>& f, int align = 4);
 
 // What the kernel runs on this machine: "avx2+fma", "neon" or "portable", and the pool's thread count.
 std::string kernel_isa();

@@ -100,13 +100,56 @@ def test_only_where_it_applies(tmp_path, tokenizer, monkeypatch):
     cache = make_prompt_cache(lm)
     lm(mx.array([[3, 4, 5]]), cache=cache)
     x = mx.random.normal((1, 1, blk.input_layernorm.weight.shape[0]))
-    assert block._fused_inputs(blk, x, cache[0]) is None  # outside decoding()
+    assert block._fused_inputs(blk, x, [cache[0]]) is None  # outside decoding()
     with decoding():
-        assert block._fused_inputs(blk, x, cache[0]) is not None
-        assert block._fused_inputs(blk, mx.concatenate([x, x]), cache[0]) is None  # a batch of two
-        assert block._fused_inputs(blk, x, None) is None  # no cache
+        assert block._fused_inputs(blk, x, [cache[0]]) is not None
+        assert block._fused_inputs(blk, mx.concatenate([x, x]), [cache[0]]) is None  # two rows, one cache
+        assert block._fused_inputs(blk, mx.concatenate([x, x]), [cache[0]] * 2) is not None  # a cache per row
+        assert block._fused_inputs(blk, x, [None]) is None  # no cache
         monkeypatch.setattr(qmm, "supports", lambda *a, **k: False)
-        assert block._fused_inputs(blk, x, cache[0]) is None  # the extension unavailable
+        assert block._fused_inputs(blk, x, [cache[0]]) is None  # the extension unavailable
         monkeypatch.undo()
         f32 = load_model(d).language_model
-        assert block._fused_inputs(f32.model.layers[0], x, cache[0]) is None  # float weights: the per-layer paths
+        assert block._fused_inputs(f32.model.layers[0], x, [cache[0]]) is None  # float weights: the per-layer paths
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rows_of_different_sequences_equal_each_alone(tmp_path, tokenizer, monkeypatch, bits):
+    """decode_rows: B sequences at different positions, each with its own cache, in one op per block: each row's
+    logits equal that sequence decoded alone (the one-row op), and equal mlx-lm's block row by row."""
+    from bonsai_mlx.io import load_model
+
+    d, _ = build_llava(tmp_path / "m", tokenizer, seed=3, noise=0.3)
+    lm = load_model(d, quantize=bits).language_model
+    prompts = [[3, 17, 41, 5], [9, 12, 30, 8, 2, 11, 6, 21, 14], [25]]
+    steps = [[7, 19, 4], [23, 15, 5], [11, 2, 31]]  # the token each sequence takes at each step
+
+    def run_rows(use_op, calls=None):
+        caches = []
+        for pr in prompts:
+            c = make_prompt_cache(lm)
+            lm(mx.array([pr]), cache=c)
+            caches.append(c)
+        if calls is not None:
+            calls.clear()  # the prefills' (one-token prompt) calls: only the decode steps count
+        out = []
+        with decoding():
+            for toks in zip(*steps, strict=True):
+                h = lm.model.embed_tokens(mx.array([[t] for t in toks]))  # [B, 1, D]
+                for i, layer in enumerate(lm.model.layers):
+                    rows = [c[i] for c in caches]
+                    h = layer.decode_rows(h, rows) if use_op else block.decode_rows(layer, h, rows)
+                out.append(lm.model.embed_tokens.as_linear(lm.model.norm(h))[:, 0])  # [B, V]
+        mx.eval(out)
+        return np.stack([np.asarray(o) for o in out], axis=1)  # [B, steps, V]
+
+    calls = _counting(monkeypatch)
+    batched = run_rows(True, calls)
+    assert calls and all(calls)
+    monkeypatch.undo()
+    alone = np.stack([_decode_logits(lm, pr, st)[1:] for pr, st in zip(prompts, steps, strict=True)])
+    scale = np.abs(alone).max()
+    assert np.abs(batched - alone).max() <= 1e-5 * scale, np.abs(batched - alone).max()
+    monkeypatch.setattr(block, "_fused_inputs", lambda *a: None)
+    per_row = run_rows(False)  # mlx-lm's block, each row alone
+    assert np.abs(batched - per_row).max() <= 1e-5 * scale, np.abs(batched - per_row).max()

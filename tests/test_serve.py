@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import socket
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -17,6 +18,7 @@ import pytest
 from conftest import build_llava
 from PIL import Image
 
+from bonsai_mlx.cpu import block
 from bonsai_mlx.generate import generate, stream_generate
 from bonsai_mlx.io import load
 from bonsai_mlx.serve import Server
@@ -74,6 +76,8 @@ def test_greedy_answers_equal_generate_streamed_or_not(served):
 
 
 def test_multi_turn_with_an_image_equals_the_engine_and_reuses_its_features(served):
+    """The second turn re-sends the history and the image: its answer is the engine's on the whole conversation, the
+    image is not encoded again, and the KV cache of the first turn's prompt (and answer) is reused."""
     server, client, model, proc, img, root = served
     first = generate(model, proc, "What is in the picture?", image=img, max_tokens=8).text
     turns = ask("What is in the picture?", img) + [{"role": "assistant", "content": first},
@@ -82,10 +86,20 @@ def test_multi_turn_with_an_image_equals_the_engine_and_reuses_its_features(serv
             {"role": "assistant", "content": first}, {"role": "user", "content": "And what colour is it?"}]
     ref = [seg for seg, item in stream_generate(model, proc, messages=ours, image=img, max_tokens=12)
            if seg is not None]
+    r1 = client.chat.completions.create(model="tiny", messages=ask("What is in the picture?", img), max_tokens=8)
+    assert r1.choices[0].message.content == first
     hits = server.engine.feature_hits
     r = client.chat.completions.create(model="tiny", messages=turns, max_tokens=12)
     assert r.choices[0].message.content == "".join(ref)
     assert server.engine.feature_hits > hits  # the image's features came from the cache (encoded by earlier turns)
+    # the prompt cache: at least the first turn's prompt came from its KV cache, and not the whole second prompt
+    n1 = len(proc.chat_ids(ours[:1]))
+    assert n1 <= server.engine.reused[-1] < r.usage.prompt_tokens, (n1, server.engine.reused[-1])
+    # another image at the same place reuses only what precedes the image
+    other = Image.fromarray(np.random.default_rng(9).integers(0, 256, (40, 48, 3), dtype=np.uint8))
+    client.chat.completions.create(model="tiny", messages=ask("What is in the picture?", other), max_tokens=2)
+    first_image = proc.chat_ids(ours[:1]).index(model.config.image_token_index)
+    assert server.engine.reused[-1] <= first_image
 
 
 class RawError(Exception):
@@ -223,14 +237,27 @@ def test_sigterm_finishes_the_request_in_flight_then_exits(tmp_path, tokenizer):
             p.kill()
 
 
-def test_concurrent_streams_share_the_batch_and_each_gives_its_tokens_alone(tmp_path, tokenizer):
-    """4 streamed requests at once, decoded together (continuous batching), each give exactly the greedy tokens they
-    give alone — which are `generate`'s."""
+@pytest.mark.parametrize("quantize", [None, 4])
+def test_concurrent_streams_share_the_batch_and_each_gives_its_tokens_alone(tmp_path, tokenizer, quantize,
+                                                                             monkeypatch):
+    """4 streamed requests at once, decoded together (continuous batching: on the CPU with 4-bit weights one op per
+    block for all rows, cpu/block.py; with float weights row by row), each give exactly the greedy tokens they give
+    alone — which are `generate`'s."""
     d, _ = build_llava(tmp_path / "student", tokenizer, seed=7, noise=0.3)
-    model, proc = load(d)
+    model, proc = load(d, quantize=quantize)
     imgs = [Image.fromarray(np.random.default_rng(i).integers(0, 256, (40, 48, 3), dtype=np.uint8)) for i in range(4)]
     prompts = ["What is in the picture?", "Describe it.", "Colour?", "Tell me a long story about it."]
     alone = [generate(model, proc, p, image=im, max_tokens=24).text for p, im in zip(prompts, imgs, strict=True)]
+    rows_in_one_op = []
+    real = block._fused_inputs
+
+    def counting(blk, x, caches):
+        r = real(blk, x, caches)
+        if r is not None:
+            rows_in_one_op.append(len(caches))
+        return r
+
+    monkeypatch.setattr(block, "_fused_inputs", counting)
     with Server((model, proc), port=free_port(), max_concurrency=4) as server:
         client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
         got = [None] * 4
@@ -249,3 +276,5 @@ def test_concurrent_streams_share_the_batch_and_each_gives_its_tokens_alone(tmp_
             t.join(120)
         assert got == alone
         assert server.engine.max_batch >= 2  # they really were decoded together
+    if quantize and sys.platform == "linux":  # the CPU's one-op block took several rows at once
+        assert max(rows_in_one_op) >= 2, rows_in_one_op

@@ -26,11 +26,12 @@ def _linears(block):
     return [a.q_proj, a.k_proj, a.v_proj, a.o_proj, m.gate_proj, m.up_proj, m.down_proj]
 
 
-def _fused_inputs(block, x: mx.array, cache):
-    """(ext, inputs, params) when the one-op decode step applies, else None."""
-    if not decoding_active() or not on_cpu() or x.shape[:2] != (1, 1) or x.dtype != mx.float32:
+def _fused_inputs(block, x: mx.array, caches: list):
+    """(ext, inputs, params) when the one-op decode step applies to x [B, 1, D] with one cache per row, else None."""
+    if not decoding_active() or not on_cpu() or x.shape[1] != 1 or x.shape[0] != len(caches) \
+            or x.dtype != mx.float32:
         return None
-    if type(cache) is not KVCache or cache.keys is None or cache.keys.dtype != mx.float32:
+    if any(type(c) is not KVCache or c.keys is None or c.keys.dtype != mx.float32 for c in caches):
         return None
     a, n1, n2 = block.self_attn, block.input_layernorm, block.post_attention_layernorm
     rope = getattr(a, "rope", None)
@@ -46,7 +47,9 @@ def _fused_inputs(block, x: mx.array, cache):
     if rope.dims != head_dim or not qmm.supports(x, gs, bits):
         return None
     ext = qmm.extension()
-    inputs = [x, n1["weight"], n2["weight"], cache.keys, cache.values]
+    inputs = [x, n1["weight"], n2["weight"]]
+    for c in caches:
+        inputs += [c.keys, c.values]
     bias_mask, biases = 0, []
     for i, m in enumerate(lins):
         inputs += [m["weight"], m["scales"], m["biases"]]
@@ -54,7 +57,8 @@ def _fused_inputs(block, x: mx.array, cache):
             bias_mask |= 1 << i
             biases.append(m["bias"])
     params = dict(eps=n1.eps, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, head_dim=head_dim,
-                  rope_traditional=rope.traditional, rope_base=rope.base, rope_scale=rope.scale, offset=cache.offset,
+                  rope_traditional=rope.traditional, rope_base=rope.base, rope_scale=rope.scale,
+                  offsets=[c.offset for c in caches],
                   attn_scale=a.scale, group_size=gs, bits=bits, bias_mask=bias_mask)
     return ext, inputs + biases, params
 
@@ -64,7 +68,7 @@ class CPUDecoderBlock(nn.Module):
     applies, else the original block (mlx_lm.models.qwen2.TransformerBlock.__call__)."""
 
     def __call__(self, x: mx.array, mask=None, cache=None) -> mx.array:
-        fused = _fused_inputs(self, x, cache) if mask is None else None
+        fused = _fused_inputs(self, x, [cache]) if mask is None and x.shape[0] == 1 else None
         if fused is not None:
             ext, inputs, params = fused
             out, k, v = ext.decode_block(inputs, **params)
@@ -73,3 +77,23 @@ class CPUDecoderBlock(nn.Module):
         r = self.self_attn(self.input_layernorm(x), mask, cache)
         h = x + r
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def decode_rows(self, x: mx.array, caches: list) -> mx.array:
+        """One decode step of B sequences, x [B, 1, D], row b with its own KV cache `caches[b]` (positions may
+        differ): one op where `_fused_inputs` applies, else each row through the block alone."""
+        fused = _fused_inputs(self, x, caches)
+        if fused is None:
+            return decode_rows(self, x, caches)
+        ext, inputs, params = fused
+        out, *kv = ext.decode_block(inputs, **params)
+        for b, c in enumerate(caches):
+            c.update_and_fetch(kv[2 * b], kv[2 * b + 1])
+        return out
+
+
+def decode_rows(block, x: mx.array, caches: list) -> mx.array:
+    """x [B, 1, D] through any mlx-lm block, row b with its own cache (the path where the one op does not apply:
+    other devices, float weights, other caches). Each row reads the weights again."""
+    if len(caches) == 1:
+        return block(x, None, caches[0])
+    return mx.concatenate([block(x[b : b + 1], None, c) for b, c in enumerate(caches)], axis=0)

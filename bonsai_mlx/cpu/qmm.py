@@ -76,10 +76,17 @@ def int8_rows() -> int:
     return mod.int8_rows() if mod is not None else 0
 
 
-def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, transpose: bool = True, bias=None):
+# a decode step of a batch of sequences (the server) keeps up to this many rows on the row kernels, which read each
+# weight once for all of them; the default crossover (8, for prefill) would dequantize whole layers every step
+DECODE_ROWS = 17
+
+
+def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, transpose: bool = True, bias=None,
+                     decode: bool = False):
     """x @ dequantize(w).T (+ bias, the layer's own [N]) in float32, by the compiled kernel; callers check
-    `supports` first."""
-    return _load()[0].quantized_matmul(x, w, scales, biases, transpose, group_size, bits, bias=bias)
+    `supports` first. decode: the rows are one token of each of a batch of sequences (see DECODE_ROWS)."""
+    return _load()[0].quantized_matmul(x, w, scales, biases, transpose, group_size, bits, bias=bias,
+                                       row_kernel_rows=DECODE_ROWS if decode else 0)
 
 
 def supports(x, group_size: int, bits: int, mode: Optional[str] = "affine") -> bool:

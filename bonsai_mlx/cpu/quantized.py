@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from . import qmm
+from .decode import decoding_active
 from .device import PREFILL_ROWS, on_cpu
 
 # MLX's CPU `dequantize` holds a temporary as large as its output, and the lazy graph is free to dequantize several
@@ -58,7 +59,7 @@ def cpu_product(layer, x: mx.array, bias=None):
     mode = getattr(layer, "mode", "affine")
     if qmm.supports(x, layer.group_size, layer.bits, mode):
         return qmm.quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size,
-                                    layer.bits, bias=bias)
+                                    layer.bits, bias=bias, decode=decoding_active())
     if x.size // x.shape[-1] < PREFILL_ROWS or not on_cpu() or mode != "affine":
         return None
     y = dequantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size, layer.bits)

@@ -22,7 +22,8 @@ class Server:
 
     def __init__(self, model: Union[str, Path, tuple], host: str = "127.0.0.1", port: int = 8080,
                  api_key: Optional[str] = None, quantize: Optional[int] = None, adapter: Optional[str] = None,
-                 max_queue: int = 16, max_concurrency: int = 8, allow_remote_images: bool = False, image_dir: Optional[str] = None,
+                 max_queue: int = 16, max_concurrency: int = 8, prompt_cache: int = 8, allow_remote_images: bool = False,
+                 image_dir: Optional[str] = None,
                  max_body: int = 32_000_000, max_pixels: int = 40_000_000, model_name: Optional[str] = None,
                  default_max_tokens: int = 512):
         import uvicorn
@@ -39,7 +40,8 @@ class Server:
 
             m, processor = load(model, quantize=quantize, adapter=adapter)
             name = model_name or Path(str(model)).name
-        self.engine = Engine(m, processor, max_queue=max_queue, max_concurrency=max_concurrency)
+        self.engine = Engine(m, processor, max_queue=max_queue, max_concurrency=max_concurrency,
+                             prompt_cache=prompt_cache)
         policy = ImagePolicy(allow_remote=allow_remote_images, image_dir=image_dir, max_pixels=max_pixels)
         app = create_app(self.engine, name, api_key=api_key, policy=policy, max_body=max_body,
                          default_max_tokens=default_max_tokens)
