@@ -70,6 +70,10 @@ def test_greedy_answers_equal_generate_streamed_or_not(served):
         assert text == ref.text
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
         assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
+    # ignore_eos (llama.cpp's / vLLM's extension): exactly max_tokens tokens, EOS or not
+    r = client.chat.completions.create(model="tiny", messages=ask("Hi?", img), max_tokens=40,
+                                       extra_body={"ignore_eos": True})
+    assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"
     assert [m.id for m in client.models.list().data] == ["tiny"]
     health = json.loads(urllib.request.urlopen(server.url + "/health", timeout=10).read())
     assert health["status"] == "ok"
@@ -144,6 +148,8 @@ def test_every_bad_request_gets_its_status_and_the_server_keeps_serving(served):
         "too many pixels": (lambda: create(model="tiny", messages=ask("?", huge)), 400, "image_too_large"),
         "over the context": (lambda: create(model="tiny", messages=long_prompt), 400, "context_length_exceeded"),
         "wrong type": (lambda: create(model="tiny", messages=ask("?"), extra_body={"temperature": "hot"}), 400, None),
+        "a flag as a string": (lambda: create(model="tiny", messages=ask("?"), extra_body={"ignore_eos": "yes"}), 400,
+                               None),
         "remote url": (lambda: create(model="tiny", messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "http://127.0.0.1:9/x.png"}}]}]), 400, "invalid_image"),
         "local path": (lambda: create(model="tiny", messages=[{"role": "user", "content": [

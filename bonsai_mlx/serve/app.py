@@ -135,6 +135,7 @@ def create_app(engine: Engine, model_name: str, api_key: Optional[str] = None, p
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         job = Job(messages, system, images, max_tokens, req.temperature, req.top_p, req.seed, stop,
+                  ignore_eos=req.ignore_eos,
                   emit=lambda kind, payload: loop.call_soon_threadsafe(events.put_nowait, (kind, payload)))
         try:
             engine.submit(job)

@@ -45,6 +45,7 @@ class Job:
     top_p: float = 1.0
     seed: Optional[int] = None
     stop: List[str] = field(default_factory=list)
+    ignore_eos: bool = False  # EOS does not end the answer (llama.cpp's and vLLM's extension)
     emit: Callable[[str, object], None] = lambda kind, payload: None  # ("delta", text) | ("done", dict) | ("error", e)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -90,9 +91,15 @@ class Engine:
 
     # --- the worker ---------------------------------------------------------------------------------------------
     def _run(self) -> None:
+        import mlx.core as mx
+
         live: List[_Seq] = []
         closing = False
         while True:
+            if not live and self._queue.empty():
+                # idle: hand MLX's buffer cache back (the CPU policy keeps up to 1 GB of freed buffers for the next
+                # prefill), so the server's memory returns to its idle level between bursts
+                mx.clear_cache()
             # admit: block for work only when nothing is decoding; one prefill between decode steps, so running
             # answers keep streaming
             if not closing and len(live) < self.max_concurrency:
@@ -142,8 +149,11 @@ class Engine:
                 rows = [s.cache[i] for s in live]
                 h = layer.decode_rows(h, rows) if isinstance(layer, CPUDecoderBlock) else decode_rows(layer, h, rows)
             logits = lm_head(lm, lm.model.norm(h))[:, 0]  # [B, V]
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # as mlx-lm's generate_step
-            ys = mx.concatenate([s.sampler(logprobs[b : b + 1]) for b, s in enumerate(live)])
+            if all(s.job.temp == 0 for s in live):  # greedy: the argmax of the logits is that of the logprobs
+                ys = mx.argmax(logits, axis=-1)
+            else:
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # as mlx-lm's generate_step
+                ys = mx.concatenate([s.sampler(logprobs[b : b + 1]) for b, s in enumerate(live)])
             mx.eval(ys)
         return ys.tolist()
 
@@ -252,7 +262,7 @@ class _Live:
     """One request in the batch: its detokenizer, stop strings and counts."""
 
     def __init__(self, job: Job, processor, n_prompt: int):
-        self.job, self.eos = job, processor.tokenizer.eos_token_ids
+        self.job, self.eos = job, set() if job.ignore_eos else processor.tokenizer.eos_token_ids
         self.detok = processor.tokenizer.detokenizer
         self.hold = max((len(s) for s in job.stop), default=1) - 1
         self.text, self.sent, self.n_prompt, self.n_gen = "", 0, n_prompt, 0

@@ -15,7 +15,7 @@ import io
 from pathlib import Path
 from typing import List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 from ..errors import BonsaiError
 
@@ -70,6 +70,8 @@ class ChatRequest(BaseModel):
     stream: bool = False
     stream_options: Optional[StreamOptions] = None
     n: int = Field(default=1, ge=1, le=1)
+    # an extension of llama.cpp's server and vLLM: EOS does not end the answer (exactly max_tokens: benchmarks)
+    ignore_eos: StrictBool = False
 
 
 class ImagePolicy:
