@@ -34,7 +34,7 @@ def plot_metrics(run_dir, out: Optional[str] = None) -> Path:
     evals = [r for r in rows if r.get("split") == "eval"]
     if not train:
         raise BonsaiError(f"{run_dir}: metrics.jsonl has no training steps yet")
-    loss_keys = [k for k in ("loss", "ce", "l_text", "l_img") if any(k in r for r in train)]
+    loss_keys = [k for k in ("loss", "ce", "l_text", "l_img", "l_kd") if any(k in r for r in train)]
     has_cov = any("coverage" in r for r in train)
     fig, axes = plt.subplots(1, 4 if has_cov else 3, figsize=(20 if has_cov else 15, 4))
     for k in loss_keys:
@@ -56,7 +56,11 @@ def plot_metrics(run_dir, out: Optional[str] = None) -> Path:
     axes[2].set_xlabel("step")
     axes[2].set_title("supervised tokens / s")
     if has_cov:
-        axes[3].plot([r["step"] for r in train], [r.get("coverage", 0) for r in train], lw=1)
+        axes[3].plot([r["step"] for r in train], [r.get("coverage", 0) for r in train], lw=1, label="aligned pairs")
+        if any("kd_covered" in r for r in train):  # --kd-loss mapped: the teacher mass on mapped tokens
+            axes[3].plot([r["step"] for r in train if "kd_covered" in r],
+                         [r["kd_covered"] for r in train if "kd_covered" in r], lw=1, label="mapped teacher mass")
+            axes[3].legend()
         axes[3].set_xlabel("step")
         axes[3].set_ylim(0, 1.05)
         axes[3].set_title("alignment coverage (pairs / answer tokens)")

@@ -35,8 +35,9 @@ from bonsai_mlx.train.prepare import encode_many
 
 from . import FORMAT_VERSION, PROMPT_TEMPLATE_VERSION
 from .align import align
-from .format import CacheReader, sha256_file, write_json_atomic, write_shard
+from .format import VOCAB_MAP_FILE, CacheReader, sha256_file, write_json_atomic, write_shard, write_vocab_map
 from .prompt import vicuna_text
+from .vocab_map import build_map
 
 
 @dataclass
@@ -58,6 +59,7 @@ class BuildConfig:
     shard_bytes: int = 1_900_000_000
     stats_tokens: int = 200_000
     student_image_tokens: Optional[int] = None
+    logits_topk: int = 0  # > 0: also the teacher's top-k next-token log-probs and ids at every aligned pair
 
 
 # --- the student side ------------------------------------------------------------------------------------------------
@@ -206,6 +208,11 @@ def build(cfg: BuildConfig, log=print, model=None) -> Path:
     if t_img_tokens != t_grid * t_grid:
         raise BonsaiError(f"teacher image_seq_length {t_img_tokens} != ({vision.image_size}/{vision.patch_size})²")
     image_layers = (cfg.image_layers or list(cfg.layers)) if cfg.image_states else []
+    if cfg.logits_topk < 0:
+        raise BonsaiError(f"--logits-topk {cfg.logits_topk}: must be >= 0")
+    t_vocab = int(full_cfg.text_config.vocab_size)
+    if cfg.logits_topk > t_vocab:
+        raise BonsaiError(f"--logits-topk {cfg.logits_topk}: the teacher's vocabulary has {t_vocab} tokens")
     crop = image_proc.crop_size if getattr(image_proc, "crop_size", None) else image_proc.size
     crop_side = int(crop.get("height", crop.get("shortest_edge", vision.image_size)))
 
@@ -228,6 +235,11 @@ def build(cfg: BuildConfig, log=print, model=None) -> Path:
         "batch_size": cfg.batch_size,
         "world_size": world,
     }
+    if cfg.logits_topk:  # the teacher's next-token distribution at each pair, and the vocabulary map for `mapped`
+        vmap = build_map(teacher_tok, student.tokenizer, t_vocab)
+        identity["logits_topk"] = int(cfg.logits_topk)
+        identity["vocab_map"] = {"file": VOCAB_MAP_FILE, "teacher_vocab_size": int(len(vmap)),
+                                 "mapped_tokens": int((vmap >= 0).sum())}
     id_file = out / "build_identity.json"
     if id_file.exists():
         old = json.loads(id_file.read_text())
@@ -236,6 +248,8 @@ def build(cfg: BuildConfig, log=print, model=None) -> Path:
             raise BonsaiError(f"{out} holds a build with other settings ({', '.join(diff)}); use a new --out")
     elif rank == 0:
         write_json_atomic(id_file, identity)
+    if cfg.logits_topk and rank == 0:
+        write_vocab_map(out / VOCAB_MAP_FILE, vmap)
 
     # resume
     rank_file = out / f"index.rank{rank}.json"
@@ -319,6 +333,12 @@ def build(cfg: BuildConfig, log=print, model=None) -> Path:
             for r, p in enumerate(prepared):
                 tpos = torch.tensor(p.teacher_positions, dtype=torch.long, device=device)
                 text = {k: hs[k][r, tpos].to(store).cpu().numpy() for k in cfg.layers}
+                topk = {}
+                if cfg.logits_topk:  # log_softmax over the whole vocabulary in float32, then the k largest (sorted)
+                    lp = torch.log_softmax(outputs.logits[r, tpos].float(), dim=-1)
+                    vals, idx = lp.topk(cfg.logits_topk, dim=-1)
+                    topk = {"topk_logp": vals.to(torch.float16).cpu().numpy(),
+                            "topk_ids": idx.to(torch.int32).cpu().numpy()}
                 image = {}
                 if image_layers and p.image is not None:  # a text-only record keeps its text states, no image row
                     img_pos = torch.nonzero(ids[r] == image_token_id)[:, 0].to(device)
@@ -327,8 +347,9 @@ def build(cfg: BuildConfig, log=print, model=None) -> Path:
                         pooled = torch.nn.functional.adaptive_avg_pool2d(g, student.grid)  # [D, G, G]
                         image[k] = pooled.flatten(1).T.to(store).cpu().numpy()  # [G², D]
                 pending.append({"index": p.index, "positions": p.student_positions, "text": text, "image": image,
-                                "pairs": len(p.student_positions), "response_tokens": p.response_tokens})
-                pending_bytes += (len(p.student_positions) * (hidden * bytes_per + 4) * len(cfg.layers)
+                                "pairs": len(p.student_positions), "response_tokens": p.response_tokens, **topk})
+                pending_bytes += (len(p.student_positions) * ((hidden * bytes_per + 4) * len(cfg.layers)
+                                                              + cfg.logits_topk * 6)
                                   + len(image) * student.grid[0] * student.grid[1] * hidden * bytes_per)
         bar.update(len(batch))
         bar.set_postfix(samples_s=f"{bar.n / max(time.perf_counter() - t0, 1e-9):.2f}")

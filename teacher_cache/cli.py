@@ -42,15 +42,17 @@ def cli():
 @click.option("--hidden-size", type=int, default=4096, show_default=True, help="Used when --teacher is not given.")
 @click.option("--image-grid", type=int, default=14, show_default=True, help="Student grid side for image states.")
 @click.option("--shard-size", default="1.9GB", show_default=True, help="As for build (shard headers count too).")
+@click.option("--logits-topk", type=click.IntRange(min=0), default=0, show_default=True,
+              help="As for build: the teacher's top-k log-probs and ids per aligned token (6 bytes each).")
 def plan(data, layers, limit, image_states, image_layers, dtype, student_tokenizer, teacher, hidden_size, image_grid,
-         shard_size):
+         shard_size, logits_topk):
     """Print records, expected tokens, bytes per sample and total bytes of a build, before anything is built."""
     from bonsai_mlx.units import parse_size
 
     from .planning import estimate
 
     r = estimate(data, layers, limit, image_states, image_layers, dtype, student_tokenizer, teacher, hidden_size,
-                 image_grid, parse_size(shard_size))
+                 image_grid, parse_size(shard_size), logits_topk=logits_topk)
     click.echo(_fmt(r))
 
 
@@ -66,7 +68,8 @@ def _fmt(r):
     return (f"records: {r['records']} (usable {r['usable']}, skipped {r['skipped']})\n"
             f"aligned text tokens: {r['tokens']} ({r['tokens_method']}), {r['tokens'] / max(r['usable'], 1):.0f} per sample\n"
             f"layers: text {r['layers']}, image {r['image_layers']}; hidden size {r['hidden_size']}; {r['dtype']}\n"
-            f"bytes per sample: {_size(r['bytes_per_sample'])}\n"
+            + (f"teacher logits: top {r['logits_topk']} per aligned token (float16 + int32)\n" if r["logits_topk"] else "")
+            + f"bytes per sample: {_size(r['bytes_per_sample'])}\n"
             f"total: {r['total_bytes']:,d} bytes ({gb:.2f} GB) in ~{r['shards']} shard(s)")
 
 
@@ -91,8 +94,11 @@ def _fmt(r):
 @click.option("--shard-size", default="1.9GB", show_default=True, help="Largest shard, e.g. 1.9GB, 200MB.")
 @click.option("--stats-tokens", type=int, default=200_000, show_default=True, help="Tokens for mean/std.")
 @click.option("--student-image-tokens", type=int, default=None, help="[the student config's image_seq_length]")
+@click.option("--logits-topk", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Also store the teacher's top-K next-token log-probs and ids at every aligned token (for "
+                   "`train --kd-weight`), and the teacher → student vocabulary map.")
 def build(teacher, student_tokenizer, data, image_root, out, layers, image_states, image_layers, limit, batch_size,
-          dtype, device, torch_dtype, image_framing, shard_size, stats_tokens, student_image_tokens):
+          dtype, device, torch_dtype, image_framing, shard_size, stats_tokens, student_image_tokens, logits_topk):
     """Run the teacher and write the cache. Under `torchrun --nproc-per-node N`, rank r takes records r::N."""
     import torch
 
@@ -109,7 +115,7 @@ def build(teacher, student_tokenizer, data, image_root, out, layers, image_state
                       layers=layers, image_states=image_states, image_layers=image_layers, limit=limit,
                       batch_size=batch_size, dtype=dtype, device=device, torch_dtype=torch_dtype,
                       image_framing=image_framing, shard_bytes=parse_size(shard_size), stats_tokens=stats_tokens,
-                      student_image_tokens=student_image_tokens)
+                      student_image_tokens=student_image_tokens, logits_topk=logits_topk)
     run_build(cfg, log=lambda m: click.echo(m, err=True))
 
 

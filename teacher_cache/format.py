@@ -5,6 +5,10 @@ CACHE_DIR/
   shard-NNNNN.safetensors   text.L{k} [ΣK, D] (float16, or int8 + text_scale.L{k} [ΣK] float32 per row),
                             text_offsets [n+1] int64, text_positions [ΣK] int32 (positions in the student sequence),
                             image.L{k} [n, G², D] (optional; int8 + image_scale.L{k} [n, G²]), sample_index [n] int64
+                            with --logits-topk k: logits_topk_logp [ΣK, k] float16 (the teacher's log_softmax, sorted
+                            descending) and logits_topk_ids [ΣK, k] int32 (teacher token ids), rows as text.L{k}
+  vocab_map.safetensors     with --logits-topk: teacher_to_student [teacher vocab] int32 (-1: no student token has
+                            the same string; teacher_cache/vocab_map.py)
   stats.safetensors         mean.L{k} / std.L{k} [D] float32 (text), image_mean.L{k} / image_std.L{k} (image)
   manifest.json             everything a reader must check (see `Manifest` fields)
   index.json                {sample_index: [shard file, row]} — written last
@@ -32,6 +36,18 @@ def quantize_rows(x: np.ndarray):
     return q, scale[..., 0]
 
 
+VOCAB_MAP_FILE = "vocab_map.safetensors"
+
+
+def write_vocab_map(path: Path, vmap: np.ndarray) -> None:
+    with atomic_file(path) as tmp:
+        save_file({"teacher_to_student": np.ascontiguousarray(vmap, np.int32)}, str(tmp), metadata={"format": "np"})
+
+
+def read_vocab_map(cache_dir) -> np.ndarray:
+    return load_file(str(Path(cache_dir) / VOCAB_MAP_FILE))["teacher_to_student"]
+
+
 def dequantize_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale[..., None]
 
@@ -48,6 +64,9 @@ def write_shard(path: Path, samples: List[dict], layers: List[int], image_layers
     for k in layers:
         x = np.concatenate([s["text"][k] for s in samples], axis=0)
         _put(tensors, f"text.L{k}", f"text_scale.L{k}", x, dtype)
+    if samples and "topk_logp" in samples[0]:  # the teacher's top-k log-probs at the same rows (float16 + int32)
+        tensors["logits_topk_logp"] = np.concatenate([s["topk_logp"] for s in samples]).astype(np.float16)
+        tensors["logits_topk_ids"] = np.concatenate([s["topk_ids"] for s in samples]).astype(np.int32)
     with_image = [s for s in samples if s.get("image")]
     if image_layers:
         rows = np.cumsum([bool(s.get("image")) for s in samples]) - 1
@@ -108,7 +127,8 @@ class CacheReader:
 
     def get(self, sample_index: int, text_layers: Optional[List[int]] = None,
             image_layers: Optional[List[int]] = None) -> dict:
-        """{"positions" [K] int64, "text": {layer: [K, D]}, "image": {layer: [G², D]}} as float32 (int8 storage
+        """{"positions" [K] int64, "text": {layer: [K, D]}, "image": {layer: [G², D]}} as float32 (and
+        "topk_logp" [K, k], "topk_ids" [K, k] when the cache has the teacher's logits) (int8 storage
         dequantized with its per-row scales), for the given layers (default: all the manifest lists). A sample
         without an image row (a text-only record) has no "image" entries."""
         text_layers = self.manifest["layers"] if text_layers is None else text_layers
@@ -120,6 +140,9 @@ class CacheReader:
         out = {"positions": f.get_slice("text_positions")[a:b].astype(np.int64), "text": {}, "image": {}}
         for k in text_layers:
             out["text"][k] = _rows(f, keys, f"text.L{k}", f"text_scale.L{k}", slice(a, b))
+        if "logits_topk_logp" in keys:  # [K, k] log-probs (float32) and teacher ids, sorted by probability
+            out["topk_logp"] = f.get_slice("logits_topk_logp")[a:b].astype(np.float32)
+            out["topk_ids"] = f.get_slice("logits_topk_ids")[a:b].astype(np.int64)
         # format 2 maps samples to image rows (-1: a text-only record); format 1 had one row per sample
         img_row = int(f.get_slice("image_rows")[row]) if "image_rows" in keys else row
         for k in image_layers if img_row >= 0 else []:
@@ -173,6 +196,13 @@ def verify(cache_dir) -> List[str]:
             x = t.get(f"text.L{k}")
             if x is None or x.shape != (K, D) or x.dtype != want_dtype:
                 problems.append(f"{sh['file']}: text.L{k} missing or not [{K}, {D}] {man['dtype']}")
+        if man.get("logits_topk"):
+            k_ = man["logits_topk"]
+            lp, li = t.get("logits_topk_logp"), t.get("logits_topk_ids")
+            if lp is None or lp.shape != (K, k_) or lp.dtype != np.float16 or li is None or li.shape != (K, k_) \
+                    or li.dtype != np.int32:
+                problems.append(f"{sh['file']}: logits_topk_logp / logits_topk_ids missing or not [{K}, {k_}] "
+                                "float16 / int32")
         if man.get("image_layers"):
             rows = t.get("image_rows", np.arange(n))
             n_img = int((rows >= 0).sum())
@@ -190,6 +220,12 @@ def verify(cache_dir) -> List[str]:
                 problems.append(f"index entry of sample {si} does not point at {sh['file']} row {row}")
     if len(seen) != man["num_samples"] or len(index) != man["num_samples"]:
         problems.append(f"manifest says {man['num_samples']} samples; shards hold {len(seen)}, index {len(index)}")
+    if man.get("logits_topk"):
+        vm = man.get("vocab_map") or {}
+        if not (d / VOCAB_MAP_FILE).exists():
+            problems.append(f"{VOCAB_MAP_FILE} missing")
+        elif read_vocab_map(d).shape != (vm.get("teacher_vocab_size"),):
+            problems.append(f"{VOCAB_MAP_FILE}: not [{vm.get('teacher_vocab_size')}] as the manifest says")
     if not (d / "stats.safetensors").exists():
         problems.append("stats.safetensors missing")
     else:

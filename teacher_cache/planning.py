@@ -16,7 +16,7 @@ from bonsai_mlx.train.data import read_records
 
 def estimate(data, layers: List[int], limit: Optional[int], image_states: bool, image_layers: Optional[List[int]],
              dtype: str, student_tokenizer: Optional[str], teacher: Optional[str], hidden_size: int,
-             image_grid: int, shard_bytes: int = 1_900_000_000) -> dict:
+             image_grid: int, shard_bytes: int = 1_900_000_000, logits_topk: int = 0) -> dict:
     records = read_records(data)
     if limit is not None:
         records = records[:limit]
@@ -56,18 +56,20 @@ def estimate(data, layers: List[int], limit: Optional[int], image_states: bool, 
             with_image += image is not None
             tokens += sum(len(c) for r, c in turns if r == "assistant") // 4
         method = "estimated at 4 characters per token"
-    per_token = hidden_size * bytes_per * len(layers) + 4 + (4 * len(layers) if dtype == "int8" else 0)
+    per_token = hidden_size * bytes_per * len(layers) + 4 + (4 * len(layers) if dtype == "int8" else 0) \
+        + logits_topk * 6  # float16 log-prob + int32 id
     per_image = image_grid * image_grid * (hidden_size * bytes_per + (4 if dtype == "int8" else 0)) * len(img_layers)
     n_img = with_image if img_layers else 0
     data_bytes = tokens * per_token + n_img * per_image + usable * 16 + 8
     # each shard also carries a safetensors JSON header: ~80 bytes per tensor
-    n_tensors = 3 + (len(layers) + len(img_layers)) * (2 if dtype == "int8" else 1)
+    n_tensors = 3 + (len(layers) + len(img_layers)) * (2 if dtype == "int8" else 1) + (2 if logits_topk else 0)
     n_shards = max(1, math.ceil(data_bytes / shard_bytes))
     total = data_bytes + n_shards * (8 + 80 * n_tensors)
     return {
         "records": len(records), "usable": usable, "skipped": skipped, "tokens": tokens, "tokens_method": method,
         "layers": layers, "image_layers": img_layers, "hidden_size": hidden_size, "dtype": dtype,
         "bytes_per_sample": total / max(usable, 1), "total_bytes": int(total), "shards": n_shards,
+        "logits_topk": logits_topk,
     }
 
 

@@ -73,6 +73,12 @@ from ..units import DTYPE_NAMES
 @click.option("--lr-align", type=float, default=None, help=f"hsd: learning rate of the alignment projectors [{_d('lr_align')}].")
 @click.option("--standardize/--no-standardize", default=None,
               help="hsd: standardize teacher states per channel with the cache's mean/std [on]; off: raw states.")
+@click.option("--kd-weight", type=float, default=None,
+              help=f"hsd: + kd_weight·L_kd, the teacher's next-token distribution at the aligned tokens (a cache built "
+                   f"with --logits-topk) [{_d('kd_weight')}].")
+@click.option("--kd-loss", type=click.Choice(["uld", "mapped"]), default=None,
+              help=f"hsd: uld (sorted probabilities, no vocabulary map) or mapped (KL over the teacher tokens whose "
+                   f"string is one student token) [{_d('kd_loss')}].")
 def train(config_file, resume, compile_, **opts):
     """Train the student: projector pretraining on captions, QLoRA SFT on LLaVA-Instruct-format data, or HSD with a
     teacher cache.
@@ -84,6 +90,7 @@ def train(config_file, resume, compile_, **opts):
       bonsai-mlx train --phase sft --model bonsai --data llava_v1_5_mix665k.json --image-root data \\
           --projector-from runs/pretrain --out runs/sft --max-steps 2000 --batch-size 4 --grad-accum 4
       bonsai-mlx train --phase hsd --teacher-cache cache/ --alpha 0.5 --model bonsai --data … --out runs/hsd
+      bonsai-mlx train --phase hsd --teacher-cache cache/ --alpha 0.3 --kd-weight 0.5 --kd-loss uld …
 
     Bad records are skipped and counted (reported at the start and the end); progress shows loss, supervised
     tokens/s, learning rate and ETA; RUN_DIR/metrics.jsonl logs every step (`bonsai-mlx plot RUN_DIR` draws it).

@@ -79,6 +79,8 @@ class TrainConfig:
     image_layer: Optional[str] = None
     lr_align: float = 1e-3
     standardize: bool = True
+    kd_weight: float = 0.0  # β: + β·L_kd, logit distillation across tokenizers (train/kd.py); 0: none
+    kd_loss: str = "uld"    # uld | mapped
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
@@ -110,6 +112,12 @@ class TrainConfig:
             raise BonsaiError("--phase hsd needs --teacher-cache (build one with `python -m teacher_cache build`)")
         if not 0 <= self.alpha <= 1:
             raise BonsaiError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if not self.kd_weight >= 0:
+            raise BonsaiError(f"--kd-weight must be >= 0, got {self.kd_weight}")
+        if self.kd_loss not in ("uld", "mapped"):
+            raise BonsaiError(f"--kd-loss must be uld or mapped, got {self.kd_loss!r}")
+        if self.kd_weight > 0 and self.phase != "hsd":
+            raise BonsaiError("--kd-weight needs --phase hsd and a --teacher-cache built with --logits-topk")
         for name in ("model", "data", "out"):
             if not getattr(self, name):
                 raise BonsaiError(f"--{name} is required")

@@ -6,7 +6,9 @@ hidden states have massive outlier channels; raw MSE would be dominated by them)
 
     L_text = mean over aligned pairs (s, t) of ||A(h_s) - z(t)||² / D        (averaged over the text layer pairs)
     L_img  = mean over the student's image positions of ||A(h_i) - z(pool(t)_i)||² / D
-    loss   = (1 - α) · CE + α · (L_text + λ_img · L_img)
+    L_kd   = mean over aligned pairs of the logit loss between the student's and the teacher's next-token
+             distributions there (train/kd.py: uld or mapped; caches built with --logits-topk)
+    loss   = (1 - α) · CE + α · (L_text + λ_img · L_img) + β · L_kd
 """
 
 from __future__ import annotations
@@ -129,8 +131,14 @@ class TargetBuilder:
     """Per-batch distillation targets (NumPy, in the loader thread): gather indices into the flattened [B*T] student
     states, standardized teacher targets, and weights (0 for padding)."""
 
-    def __init__(self, cache: TeacherCache, text_pairs, image_pair, image_token_id: int, standardize: bool = True):
+    def __init__(self, cache: TeacherCache, text_pairs, image_pair, image_token_id: int, standardize: bool = True,
+                 kd_loss: Optional[str] = None):
         self.cache, self.text_pairs, self.image_pair, self.image_token_id = cache, text_pairs, image_pair, image_token_id
+        self.kd_loss = kd_loss  # None: no logit distillation targets
+        if kd_loss == "mapped":
+            from teacher_cache.format import read_vocab_map
+
+            self.vocab_map = read_vocab_map(cache.dir)  # [teacher vocab] → student id or -1
         st = cache.stats
         self.norm = {t: (st[f"mean.L{t}"], st[f"std.L{t}"]) for _, t in text_pairs}
         if not standardize:  # raw teacher states (an ablation: outlier channels then dominate the MSE)
@@ -148,10 +156,14 @@ class TargetBuilder:
         i_layers = [self.image_pair[1]] if self.image_pair else []
         idx, targets = [], {t: [] for t in t_layers}
         img_idx, img_t = [], []
+        kd_logp, kd_tids = [], []
         for r, s in enumerate(samples):
             e = self.cache.get(s.index, t_layers, [x for x in i_layers if s.image_path is not None])
             keep = e["positions"] < T  # truncation (--max-seq-len) drops pairs past the end
             idx.append(r * T + e["positions"][keep])
+            if self.kd_loss:
+                kd_logp.append(e["topk_logp"][keep])
+                kd_tids.append(e["topk_ids"][keep])
             for t in t_layers:
                 m, sd = self.norm[t]
                 targets[t].append((e["text"][t][keep] - m) / sd)
@@ -174,6 +186,20 @@ class TargetBuilder:
         if img_idx:
             out["image_index"] = np.concatenate(img_idx).astype(np.int32)
             out["image_target"] = np.concatenate(img_t).astype(np.float32)
+        if self.kd_loss:
+            k = int(self.cache.manifest["logits_topk"])
+            logp = np.concatenate(kd_logp) if kd_logp else np.zeros((0, k), np.float32)
+            out["kd_logp"] = _pad(logp.astype(np.float32), P)
+            weight = np.ones(n, np.float32)
+            if self.kd_loss == "mapped":
+                tids = np.concatenate(kd_tids) if kd_tids else np.zeros((0, k), np.int64)
+                sid = self.vocab_map[np.clip(tids, 0, len(self.vocab_map) - 1)]
+                sid = np.where(tids < len(self.vocab_map), sid, -1)
+                mask = (sid >= 0).astype(np.float32)
+                out["kd_ids"] = _pad(np.maximum(sid, 0).astype(np.int32), P)
+                out["kd_mask"] = _pad(mask, P)
+                weight = (mask.sum(-1) > 0).astype(np.float32)  # a position with nothing mapped counts for nothing
+            out["kd_weight"] = _pad(weight, P)
         return out
 
 
@@ -184,11 +210,23 @@ def _pad(x: np.ndarray, n: int) -> np.ndarray:
     return np.concatenate([x, pad])
 
 
-def counts(extra: Optional[dict]) -> Tuple[float, float]:
-    """(aligned text pairs, image positions) of a micro-batch."""
+def counts(extra: Optional[dict]) -> Tuple[float, float, float]:
+    """(aligned text pairs, image positions, logit-distillation positions) of a micro-batch."""
     if not extra:
-        return 0.0, 0.0
-    return float(extra["text_weight"].sum()), float(len(extra.get("image_index", ())))
+        return 0.0, 0.0, 0.0
+    kd = float(extra["kd_weight"].sum()) if "kd_weight" in extra else 0.0
+    return float(extra["text_weight"].sum()), float(len(extra.get("image_index", ()))), kd
+
+
+def kd_terms(logits: mx.array, extra: dict, kd_loss: str):
+    """(Σ L_kd, Σ covered teacher mass) over a micro-batch's aligned pairs (train/kd.py), unnormalized."""
+    from .kd import mapped_sum, uld_sum
+
+    B, T, V = logits.shape
+    rows = logits.reshape(B * T, V)[extra["text_index"]]  # [P, V]: the student's logits at the aligned tokens
+    if kd_loss == "mapped":
+        return mapped_sum(rows, extra["kd_logp"], extra["kd_ids"], extra["kd_mask"], extra["kd_weight"])
+    return uld_sum(rows, extra["kd_logp"], extra["kd_weight"]), mx.array(0.0)
 
 
 def distill_terms(model, hidden_states, extra: dict, text_pairs, image_pair):

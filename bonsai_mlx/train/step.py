@@ -80,26 +80,33 @@ def make_trainable(model: LlavaModel, cfg: TrainConfig) -> LlavaModel:
 
 
 def train_loss(model: LlavaModel, ids, mask, pixels, extra, norms, alpha: float = 0.0, image_weight: float = 0.0,
-               text_pairs=(), image_pair=None):
-    """One micro-batch's share of the step loss (1-α)·CE + α·(L_text + λ_img·L_img), each term a mean over the
-    whole accumulated batch: `norms` = [supervised tokens, aligned pairs, image positions] of that batch.
+               text_pairs=(), image_pair=None, kd_weight: float = 0.0, kd_loss: str = "uld"):
+    """One micro-batch's share of the step loss (1-α)·CE + α·(L_text + λ_img·L_img) + β·L_kd, each term a mean over
+    the whole accumulated batch: `norms` = [supervised tokens, aligned pairs, image positions, KD positions] of that
+    batch.
 
-    SFT is the same function with no distillation terms, so `--alpha 0` reproduces SFT exactly (1·x + 0·y = x).
-    Returns (loss, (CE sum, L_text sum, L_img sum)).
+    SFT is the same function with no distillation terms, so `--alpha 0` reproduces SFT exactly (1·x + 0·y = x), and
+    β = 0 leaves the HSD loss as it was (no KD targets are built).
+    Returns (loss, (CE sum, L_text sum, L_img sum, L_kd sum, covered teacher mass sum)).
     """
     emb = model.get_input_embeddings(ids, pixels, validate=False)
+    zero = mx.array(0.0)
     if extra is None:
         logits = model(ids, input_embeddings=emb)
         ce_sum = masked_ce(logits, ids, mask)[0]
-        zero = mx.array(0.0)
-        return (1.0 - alpha) * ce_sum / norms[0], (ce_sum, zero, zero)
-    from .distill import distill_terms
+        return (1.0 - alpha) * ce_sum / norms[0], (ce_sum, zero, zero, zero, zero)
+    from .distill import distill_terms, kd_terms
 
     logits, hidden = model(ids, input_embeddings=emb, output_hidden_states=True)
     ce_sum = masked_ce(logits, ids, mask)[0]
     lt, li = distill_terms(model, hidden, extra, text_pairs, image_pair)
     distill = lt / mx.maximum(norms[1], 1.0) + image_weight * li / mx.maximum(norms[2], 1.0)
-    return (1.0 - alpha) * ce_sum / norms[0] + alpha * distill, (ce_sum, lt, li)
+    loss = (1.0 - alpha) * ce_sum / norms[0] + alpha * distill
+    lkd, cov = zero, zero
+    if kd_weight > 0 and "kd_logp" in extra:
+        lkd, cov = kd_terms(logits, extra, kd_loss)
+        loss = loss + kd_weight * lkd / mx.maximum(norms[3], 1.0)
+    return loss, (ce_sum, lt, li, lkd, cov)
 
 
 def build_step(model: LlavaModel, compile: bool = True, **loss_kw):

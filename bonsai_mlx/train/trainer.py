@@ -153,15 +153,23 @@ class Trainer:
         self.train_set.keep_only(lambda index: index in cache, "not_in_teacher_cache",
                                  "record is not in the teacher cache")
         self.cache = cache
+        if cfg.kd_weight > 0 and not cache.manifest.get("logits_topk"):
+            raise BonsaiError(f"--kd-weight {cfg.kd_weight}: the teacher cache {cfg.teacher_cache} holds no teacher "
+                              "logits; rebuild it with `python -m teacher_cache build ... --logits-topk 32`")
+        if cfg.kd_weight > 0:
+            self.log(f"logit distillation: {cfg.kd_loss}, weight {cfg.kd_weight}, teacher top-"
+                     f"{cache.manifest['logits_topk']}" + (f", {cache.manifest['vocab_map']['mapped_tokens']} teacher "
+                                                            "tokens mapped" if cfg.kd_loss == "mapped" else ""))
         return TargetBuilder(cache, self.text_pairs, self.image_pair, mcfg.image_token_index,
-                             standardize=cfg.standardize)
+                             standardize=cfg.standardize, kd_loss=cfg.kd_loss if cfg.kd_weight > 0 else None)
 
     def _build_step(self):
         cfg = self.cfg
         hsd = cfg.phase == "hsd"
         self._step = build_step(self.model, cfg.compile, alpha=cfg.alpha if hsd else 0.0,
                                 image_weight=cfg.image_weight if hsd else 0.0, text_pairs=tuple(self.text_pairs),
-                                image_pair=self.image_pair)
+                                image_pair=self.image_pair, kd_weight=cfg.kd_weight if hsd else 0.0,
+                                kd_loss=cfg.kd_loss)
 
     def micro_step(self, batch, norms):
         from .distill import to_mx
@@ -237,17 +245,17 @@ class Trainer:
         from .distill import counts
 
         micro = [b for b in batches if b.input_ids.shape[0] > 0 and b.num_targets > 0]
-        local = [float(sum(b.num_targets for b in micro)), float(sum(counts(b.extra)[0] for b in micro)),
-                 float(sum(counts(b.extra)[1] for b in micro))]
+        local = [float(sum(b.num_targets for b in micro))] + \
+            [float(sum(counts(b.extra)[j] for b in micro)) for j in range(3)]
         norms = self._all_sum(mx.array(local, dtype=mx.float32))
-        ntok, n_text, n_img = (float(x) for x in norms.tolist())
+        ntok, n_text, n_img, n_kd = (float(x) for x in norms.tolist())
         if ntok == 0:
             return None
-        grads, sums = None, [0.0, 0.0, 0.0, 0.0]
+        grads, sums = None, [0.0] * 6
         for batch in micro:
-            (lv, (ce, lt, li)), g = self.micro_step(batch, norms)
+            (lv, aux), g = self.micro_step(batch, norms)
             grads = g if grads is None else tree_map(lambda a, b: a + b, grads, g)
-            sums = [sums[0] + lv, sums[1] + ce, sums[2] + lt, sums[3] + li]
+            sums = [a + b for a, b in zip(sums, (lv, *aux), strict=True)]
         if self.world > 1:
             if grads is None:  # this rank's share was empty: it still takes part in the sums
                 grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
@@ -257,7 +265,7 @@ class Trainer:
         mx.eval(self.model.parameters(), self.optimizer.state, *sums)
         self.step += 1
         dt = time.perf_counter() - t0
-        loss, ce_sum, lt_sum, li_sum = (float(x) for x in sums)
+        loss, ce_sum, lt_sum, li_sum, kd_sum, cov_sum = (float(x) for x in sums)
         lr = self.optimizer.lr
         rec = {"step": self.step, "loss": loss, "ce": ce_sum / ntok, "lr": lr("lm"), "lr_projector": lr("projector"),
                "tokens": int(ntok), "sequences": sum(b.input_ids.shape[0] for b in micro) * self.world,
@@ -266,6 +274,10 @@ class Trainer:
         if self.cfg.phase == "hsd":
             rec.update({"l_text": lt_sum / max(n_text, 1.0), "l_img": li_sum / max(n_img, 1.0), "lr_align": lr("align"),
                         "coverage": n_text / ntok, "aligned_pairs": int(n_text)})
+            if self.cfg.kd_weight > 0:
+                rec["l_kd"] = kd_sum / max(n_kd, 1.0)
+                if self.cfg.kd_loss == "mapped":  # the teacher's probability mass on tokens the student has too
+                    rec["kd_covered"] = cov_sum / max(n_kd, 1.0)
         return rec
 
     def _log_eval(self, metrics_path: Path) -> None:
