@@ -16,6 +16,10 @@ Question types (answers are one lower-case word):
   object's colour with another shape or its shape with another colour)
 - above_below (not in the default mix) "Is the red circle above or below the blue square?" → above | below
 
+With `answers="sentence"` every answer is instead a short sentence built from the same facts ("the circle is red",
+"the red circle is to the left of the blue square", "no, there is no green triangle"), so that many answer tokens
+follow each other (the logit-distillation evidence, examples/hsd_evidence/run.py --answers sentence).
+
 Train records are multi-turn: one record per image with every applicable type in random order (the design note's
 prototype found that several questions per image learn far faster than one). Held-out records have one question
 each (`"type"` names it) with equal shares per type, counts 1/2/3 in equal shares and the binary answers exactly
@@ -136,6 +140,26 @@ def ask(qtype: str, objs: Sequence[Obj], rng: random.Random, subject: Optional[O
     raise ValueError(f"unknown question type {qtype!r}; known: {ALL_TYPES}")
 
 
+def sentence(qtype: str, question: str, answer: str) -> str:
+    """The one-word `answer` to `question` (of `ask`) as a short sentence stating the same fact."""
+    import re
+
+    if qtype == "colour":  # What colour is the circle?
+        return f"the {question.split()[-1].rstrip('?')} is {answer}"
+    if qtype == "shape":  # What shape is the red object?
+        return f"the {question.split()[4]} object is a {answer}"
+    if qtype == "count":
+        return "there is 1 shape" if answer == "1" else f"there are {answer} shapes"
+    if qtype in ("left_right", "above_below"):  # Is the red circle to the left or to the right of the blue square?
+        a, b = re.match(r"Is the (\w+ \w+) .* the (\w+ \w+)\?$", question).groups()
+        rel = {"left": "to the left of", "right": "to the right of", "above": "above", "below": "below"}[answer]
+        return f"the {a} is {rel} the {b}"
+    if qtype == "existence":  # Is there a green triangle in the image?
+        name = question[len("Is there a "):-len(" in the image?")]
+        return f"yes, there is a {name}" if answer == "yes" else f"no, there is no {name}"
+    raise ValueError(f"unknown question type {qtype!r}")
+
+
 def _save_png(img: Image.Image, path: Path) -> None:
     with atomic_file(path) as tmp:
         img.save(tmp, format="PNG")
@@ -146,7 +170,7 @@ def _write_json(obj, path: Path) -> None:
 
 
 def generate_split(out: Path, split: str, n_images: int, rng: random.Random, size: int, types: Sequence[str],
-                   multi_turn: bool) -> dict:
+                   multi_turn: bool, answers: str = "word") -> dict:
     """Write `split/*.png`, return {"records": [...], "coco": {...}}.
 
     multi_turn: one record per image with every applicable type (train). Otherwise one question per image, the types
@@ -177,6 +201,8 @@ def generate_split(out: Path, split: str, n_images: int, rng: random.Random, siz
             subj = {"colour": subjects[0], "shape": subjects[-1]}
             qa = [(t, ask(t, objs, rng, subj.get(t))) for t in order]
             qa = [(t, x) for t, x in qa if x is not None]
+            if answers == "sentence":
+                qa = [(t, (q, sentence(t, q, a))) for t, (q, a) in qa]
             conv = []
             for i, (_, (q, a)) in enumerate(qa):
                 conv += [{"from": "human", "value": ("<image>\n" if i == 0 else "") + q}, {"from": "gpt", "value": a}]
@@ -184,6 +210,8 @@ def generate_split(out: Path, split: str, n_images: int, rng: random.Random, siz
         else:
             # binary answers alternate within each type, so yes/no and left/right are exactly balanced
             q, a = ask(qtype, objs, rng, want=(k // len(types)) % 2 == 0)
+            if answers == "sentence":
+                a = sentence(qtype, q, a)
             records.append({"id": rid, "image": name, "type": qtype,
                             "conversations": [{"from": "human", "value": "<image>\n" + q}, {"from": "gpt", "value": a}]})
     coco = {"images": images, "annotations": anns,
@@ -192,9 +220,11 @@ def generate_split(out: Path, split: str, n_images: int, rng: random.Random, siz
 
 
 def build_shapes(out, n_train: int = 2000, n_eval: int = 250, seed: int = 0, size: int = 64,
-                 types: Sequence[str] = QUESTION_TYPES) -> dict:
+                 types: Sequence[str] = QUESTION_TYPES, answers: str = "word") -> dict:
     """Generate the data set into `out` (train.json, eval.json, instances_{train,eval}.json, train/, eval/);
     returns the paths. The same seed gives byte-identical files."""
+    if answers not in ("word", "sentence"):
+        raise ValueError(f"answers must be 'word' or 'sentence', got {answers!r}")
     bad = [t for t in types if t not in ALL_TYPES]
     if bad:
         raise ValueError(f"unknown question types {bad}; known: {list(ALL_TYPES)}")
@@ -204,12 +234,12 @@ def build_shapes(out, n_train: int = 2000, n_eval: int = 250, seed: int = 0, siz
     for split, n, multi in (("train", n_train, True), ("eval", n_eval, False)):
         # each split has its own stream, so the held-out images do not depend on the train size
         rng = random.Random(f"{seed}-{split}")
-        res = generate_split(out, split, n, rng, size, list(types), multi)
+        res = generate_split(out, split, n, rng, size, list(types), multi, answers)
         _write_json(res["records"], out / f"{split}.json")
         _write_json(res["coco"], out / f"instances_{split}.json")
         paths[split] = out / f"{split}.json"
         paths[f"instances_{split}"] = out / f"instances_{split}.json"
-    meta = {"seed": seed, "n_train": n_train, "n_eval": n_eval, "size": size, "types": list(types),
+    meta = {"seed": seed, "n_train": n_train, "n_eval": n_eval, "size": size, "types": list(types), "answers": answers,
             "chance": {t: CHANCE[t] for t in types}}
     _write_json(meta, out / "shapes.json")
     paths["root"] = out

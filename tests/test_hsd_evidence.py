@@ -104,3 +104,43 @@ def test_quick_experiment_resumes_and_refuses_another_plan(quick):
     assert (quick / "results.json").read_text() == before  # nothing retrained: every run was already done
     r = _cli("--out", str(quick), timeout=60)
     assert r.returncode != 0 and "another plan" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_sentence_plan_has_the_kd_variants_and_their_commands(tmp_path):
+    p = hsd_run.sentence_plan(tmp_path, quick=False)
+    assert p.answers == "sentence" and p.logits_topk > 0 and len(p.seeds) == 3
+    labels = [v.label for v in p.variants]
+    assert labels[0] == "SFT" and any("KD uld" in x for x in labels) and any("KD mapped" in x for x in labels)
+    assert any("HSD" in x and "KD" in x for x in labels)
+    kd = next(r for r in hsd_run.runs_of(p) if r.variant.kd_loss == "mapped" and r.variant.kd_weight > 0)
+    cmd = hsd_run.train_cmd(p, kd, Path("s"), Path("d"), Path("c"), Path("o"))
+    assert cmd[cmd.index("--phase") + 1] == "hsd" and cmd[cmd.index("--kd-loss") + 1] == "mapped"
+    assert cmd[cmd.index("--alpha") + 1] == "0.0"
+
+
+def test_quick_sentence_experiment_with_logit_distillation(tmp_path):
+    """--answers sentence --quick: sentence answers, a cache with the teacher's top-k logits, SFT / HSD / KD (uld,
+    mapped) / HSD+KD students, and the report's verdict recomputed from results.json."""
+    out = tmp_path / "kd"
+    r = _cli("--answers", "sentence", "--quick", "--out", str(out))
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    answers = [t["value"] for x in json.loads((out / "data" / "train.json").read_text()) for t in x["conversations"]
+               if t["from"] == "gpt"]
+    assert sum(len(a.split()) >= 3 for a in answers) / len(answers) > 0.9  # sentences, not words
+    man = json.loads((out / "cache" / "manifest.json").read_text())
+    assert man["logits_topk"] == 32 and man["vocab_map"]["mapped_tokens"] > 0
+    results = json.loads((out / "results.json").read_text())
+    assert len(results) == 6 * 2
+    for x in results:
+        assert x["eval_ce"] > 0
+        if "kd-" in x["variant"]:
+            assert x["l_kd"] > 0
+        if "kd-mapped" in x["variant"]:
+            assert 0 < x["kd_covered"] <= 1
+    doc = (out / "hsd_evidence.md").read_text()
+    by = {(x["variant"], x["seed"]): x["eval_ce"] for x in results}
+    d = [by[("kd-uld-b0.5", s)] - by[("sft", s)] for s in (0, 1)]
+    hd = 12.706 * abs(d[0] - d[1]) / math.sqrt(2) / math.sqrt(2)
+    assert f"{sum(d) / 2:+.3f} ± {hd:.3f}" in doc  # the paired Δ CE of KD uld, as the table prints it
+    assert ("distillation beat SFT" in doc) != ("distillation did not beat SFT anywhere" in doc)
+    assert "By held-out CE, distillation " in doc

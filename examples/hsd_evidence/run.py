@@ -2,6 +2,11 @@
 
     python examples/hsd_evidence/run.py --out hsd-evidence --doc docs/hsd_evidence.md      # ≤ 2 h on 2 cores
     python examples/hsd_evidence/run.py --quick --out /tmp/hsd-quick                        # ≤ 10 min
+    python examples/hsd_evidence/run.py --answers sentence --out kd-evidence --doc docs/kd_evidence.md
+
+`--answers sentence`: the same experiment on answers that are short sentences (many answer tokens align), with
+cross-tokenizer logit distillation (`--kd-loss uld|mapped`, a cache built with `--logits-topk`) beside HSD: SFT vs
+HSD (text, text+image) vs KD (uld, mapped) vs HSD+KD.
 
 Stages (each skipped when its output exists, so a stopped run resumes where it stopped):
 1. shapes data (`bonsai_mlx.shapes`, as `bonsai-mlx demo`): multi-turn train records, single-question held-out set;
@@ -48,17 +53,28 @@ class Variant:
     text_layers: Optional[str] = None  # student:teacher; None: the trainer's default (last : deepest)
     standardize: bool = True
     ablation: bool = False  # run at the smallest fraction only
+    kd_weight: float = 0.0  # β of the logit-distillation term (0: none)
+    kd_loss: str = "uld"
+
+    @property
+    def distilled(self) -> bool:
+        return self.alpha > 0 or self.kd_weight > 0
 
     @property
     def label(self) -> str:
-        if self.alpha == 0:
+        if not self.distilled:
             return "SFT"
-        s = f"HSD α={self.alpha:g} " + ("text+image" if self.image else "text")
-        if self.text_layers:
-            s += f", layers {self.text_layers}"
-        if not self.standardize:
-            s += ", raw targets"
-        return s
+        parts = []
+        if self.alpha > 0:
+            s = f"HSD α={self.alpha:g} " + ("text+image" if self.image else "text")
+            if self.text_layers:
+                s += f", layers {self.text_layers}"
+            if not self.standardize:
+                s += ", raw targets"
+            parts.append(s)
+        if self.kd_weight > 0:
+            parts.append(f"KD {self.kd_loss} β={self.kd_weight:g}")
+        return " + ".join(parts)
 
 
 def main_variants(alphas) -> List[Variant]:
@@ -89,6 +105,9 @@ class Plan:
     ablations: bool = True
     jobs: int = 2
     quick: bool = False
+    answers: str = "word"  # or "sentence"
+    logits_topk: int = 0  # > 0: the cache also holds the teacher's top-k log-probs (KD variants)
+    max_answer_tokens: int = 8
     variants: List[Variant] = field(default_factory=list)
 
     def __post_init__(self):
@@ -98,6 +117,22 @@ class Plan:
                 a = self.ablation_alpha
                 self.variants += [Variant(f"hsd-img-a{a:g}-mid", a, True, text_layers="2:2", ablation=True),
                                   Variant(f"hsd-img-a{a:g}-raw", a, True, standardize=False, ablation=True)]
+
+
+def kd_variants(alpha: float = 0.3, beta: float = 0.5) -> List[Variant]:
+    return [Variant("sft"), Variant(f"hsd-txt-a{alpha:g}", alpha, False), Variant(f"hsd-img-a{alpha:g}", alpha, True),
+            Variant(f"kd-uld-b{beta:g}", kd_weight=beta, kd_loss="uld"),
+            Variant(f"kd-mapped-b{beta:g}", kd_weight=beta, kd_loss="mapped"),
+            Variant(f"hsd-img-a{alpha:g}-kd-uld-b{beta:g}", alpha, True, kd_weight=beta, kd_loss="uld")]
+
+
+def sentence_plan(out: Path, quick: bool) -> Plan:
+    """Short-sentence answers; SFT vs HSD (text, text+image) vs KD (uld, mapped) vs HSD+KD."""
+    common = dict(answers="sentence", logits_topk=32, max_answer_tokens=24, ablations=False, variants=kd_variants())
+    if quick:
+        return Plan(out=out, n_train=600, n_eval=60, fractions=(1.0,), seeds=(0, 1), steps=30, vision_pretrain_steps=60,
+                    teacher_steps=150, teacher_vision_steps=60, quick=True, **common)
+    return Plan(out=out, n_train=10000, n_eval=500, fractions=(0.3,), seeds=(0, 1, 2), steps=400, **common)
 
 
 def quick_plan(out: Path) -> Plan:
@@ -130,7 +165,7 @@ def make_data(p: Plan) -> Path:
         log(f"shapes data: {p.n_train} train images, {p.n_eval} held-out questions → {data}")
         tmp = p.out / "data.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        build_shapes(tmp, n_train=p.n_train, n_eval=p.n_eval, seed=0)
+        build_shapes(tmp, n_train=p.n_train, n_eval=p.n_eval, seed=0, answers=p.answers)
         os.replace(tmp, data)
     return data
 
@@ -140,7 +175,8 @@ def make_teacher(p: Plan, data: Path) -> Path:
     if not (teacher / "teacher_eval.json").exists():
         log(f"teacher: {p.teacher_steps} steps in PyTorch → {teacher} (log {p.out / 'logs/teacher.log'})")
         sh([sys.executable, str(HERE / "teacher.py"), "--data", str(data), "--out", str(teacher), "--steps",
-            str(p.teacher_steps), "--vision-steps", str(p.teacher_vision_steps), "--threads", str(p.jobs)],
+            str(p.teacher_steps), "--vision-steps", str(p.teacher_vision_steps), "--threads", str(p.jobs),
+            "--max-new-tokens", str(p.max_answer_tokens)] + (["--word-pieces"] if p.answers == "sentence" else []),
            p.out / "logs/teacher.log")
     return teacher
 
@@ -181,7 +217,8 @@ def make_cache(p: Plan, teacher: Path, student: Path, data: Path) -> Path:
         sh([sys.executable, "-m", "teacher_cache", "build", "--teacher", str(teacher), "--student-tokenizer",
             str(student), "--data", str(data / "train.json"), "--image-root", str(data), "--out", str(cache),
             "--layers", p.teacher_layers, "--image-states", "--image-layers", p.image_layer, "--device", "cpu",
-            "--batch-size", "32", "--dtype", "float16"], p.out / "logs/cache_build.log", env={"OPENBLAS_NUM_THREADS": "2"})
+            "--batch-size", "32", "--dtype", "float16"] + (["--logits-topk", str(p.logits_topk)] if p.logits_topk else []),
+           p.out / "logs/cache_build.log", env={"OPENBLAS_NUM_THREADS": "2"})
         sh([sys.executable, "-m", "teacher_cache", "verify", str(cache)], p.out / "logs/cache_verify.log")
     return cache
 
@@ -210,18 +247,20 @@ def runs_of(p: Plan) -> List[Run]:
 
 def train_cmd(p: Plan, r: Run, student: Path, data: Path, cache: Path, run_dir: Path) -> List[str]:
     v = r.variant
-    cmd = ["bonsai-mlx", "train", "--phase", "hsd" if v.alpha > 0 else "sft", "--model", str(student),
+    cmd = ["bonsai-mlx", "train", "--phase", "hsd" if v.distilled else "sft", "--model", str(student),
            "--data", str(data / "train.json"), "--image-root", str(data), "--out", str(run_dir),
            "--limit", str(max(int(round(p.n_train * r.fraction)), 1)), "--max-steps", str(p.steps),
            "--batch-size", str(p.batch_size), "--lr", str(p.lr), "--lr-projector", str(p.lr), "--warmup", "0.05",
            "--quantize", "none", "--train-lm", "full", "--train-vision", "--lr-vision", str(p.lr_vision),
            "--lora-dropout", "0", "--max-seq-len", "512", "--seed", str(r.seed)]
-    if v.alpha > 0:
+    if v.distilled:
         cmd += ["--teacher-cache", str(cache), "--alpha", str(v.alpha), "--image-weight", "1" if v.image else "0"]
         if v.text_layers:
             cmd += ["--text-layers", v.text_layers]
         if not v.standardize:
             cmd += ["--no-standardize"]
+        if v.kd_weight > 0:
+            cmd += ["--kd-weight", str(v.kd_weight), "--kd-loss", v.kd_loss]
     return cmd
 
 
@@ -238,18 +277,30 @@ def do_run(p: Plan, r: Run, students: Dict[int, Path], data: Path, cache: Path) 
     t1 = time.perf_counter()
     ev = run_dir / "eval.json"
     sh(["bonsai-mlx", "eval", "--task", "vqa", "--model", str(students[r.seed]), "--adapter",
-        str(run_dir / "checkpoint"), "--data", str(data / "eval.json"), "--image-root", str(data), "--out", str(ev)],
+        str(run_dir / "checkpoint"), "--data", str(data / "eval.json"), "--image-root", str(data), "--out", str(ev),
+        "--max-tokens", str(p.max_answer_tokens)],
        logs / f"{r.name}.eval.log")
     e = json.loads(ev.read_text())
+    eval_ce = None
+    if p.answers == "sentence":  # the held-out answers' cross-entropy: finer than exact match on sentences
+        lo = run_dir / "eval_loss.json"
+        sh(["bonsai-mlx", "eval", "--task", "loss", "--model", str(students[r.seed]), "--adapter",
+            str(run_dir / "checkpoint"), "--data", str(data / "eval.json"), "--image-root", str(data), "--out",
+            str(lo), "--batch-size", "16"], logs / f"{r.name}.eval_loss.log")
+        eval_ce = json.loads(lo.read_text())["loss"]["value"]
     m = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
     tail = m[-min(20, len(m)):]
     mean = lambda k: sum(x.get(k, 0.0) for x in tail) / len(tail)  # noqa: E731
     out = {"name": r.name, "variant": r.variant.name, "fraction": r.fraction, "seed": r.seed,
            "accuracy": e["accuracy"]["value"], "per_type": {t: v["value"] for t, v in e["per_type"].items()},
            "n": e["accuracy"]["n"], "final_ce": mean("ce"), "train_s": t1 - t0, "eval_s": time.perf_counter() - t1}
-    if r.variant.alpha > 0:
+    if eval_ce is not None:
+        out["eval_ce"] = eval_ce
+    if r.variant.distilled:
         out.update(l_text=mean("l_text"), l_img=mean("l_img"), coverage=mean("coverage"),
                    aligned_pairs=mean("aligned_pairs"))
+    if r.variant.kd_weight > 0:
+        out.update(l_kd=mean("l_kd"), **({"kd_covered": mean("kd_covered")} if r.variant.kd_loss == "mapped" else {}))
     tmp = result.with_name("result.json.tmp")
     tmp.write_text(json.dumps(out, indent=1) + "\n")
     os.replace(tmp, result)
@@ -288,10 +339,13 @@ def summarize(p: Plan, results: List[dict]) -> dict:
                 "acc": mean_ci([x["accuracy"] for x in rows]),
                 "types": {t: mean_ci([x["per_type"][t] for x in rows]) for t in types},
                 "delta": mean_ci([x["accuracy"] - s["accuracy"] for x, s in zip(rows, sft, strict=True)])
-                if v.alpha > 0 and all(sft) else None,
+                if v.distilled and all(sft) else None,
                 "delta_types": {t: mean_ci([x["per_type"][t] - s["per_type"][t] for x, s in zip(rows, sft, strict=True)])
-                                for t in types} if v.alpha > 0 and all(sft) else None,
-                "coverage": mean_ci([x["coverage"] for x in rows]) if v.alpha > 0 else None,
+                                for t in types} if v.distilled and all(sft) else None,
+                "coverage": mean_ci([x["coverage"] for x in rows]) if v.distilled else None,
+                "eval_ce": mean_ci([x["eval_ce"] for x in rows]) if "eval_ce" in rows[0] else None,
+                "delta_ce": mean_ci([x["eval_ce"] - s["eval_ce"] for x, s in zip(rows, sft, strict=True)])
+                if "eval_ce" in rows[0] and v.distilled and all(sft) else None,
                 "n_seeds": len(rows)}
     return cells
 
@@ -322,16 +376,18 @@ def plot(p: Plan, cells: dict, teacher_acc: float, chance: float, png: Path) -> 
     main = [v for v in p.variants if not v.ablation]
     colours = {a: f"C{k}" for k, a in enumerate(sorted({v.alpha for v in main if v.alpha > 0}))}
     for k, v in enumerate(main):
-        # one colour per α; solid: text+image, dashed: text only; SFT thick black
-        style = dict(marker="o" if v.image or v.alpha == 0 else "s", capsize=3, lw=2.2 if v.alpha == 0 else 1.3,
-                     ls="-" if (v.alpha == 0 or v.image) else "--", color=colours.get(v.alpha, "black"))
+        # one colour per α (per variant with KD); solid: text+image, dashed: text only; SFT thick black
+        colour = f"C{k}" if v.kd_weight > 0 or p.answers == "sentence" else colours.get(v.alpha, "black")
+        style = dict(marker="o" if v.image or not v.distilled else "s", capsize=3, lw=2.2 if not v.distilled else 1.3,
+                     ls="-" if (not v.distilled or v.image or v.kd_weight > 0) else "--",
+                     color="black" if not v.distilled else colour)
         pts = [(x, cells[(v.name, f)]) for x, f in zip(xs, p.fractions, strict=True) if (v.name, f) in cells]
         if not pts:
             continue
         off = 1 + 0.012 * (k - len(main) / 2)  # spread the error bars apart on the log axis
         axes[0].errorbar([x * off for x, _ in pts], [c["acc"][0] for _, c in pts],
                          yerr=[0 if math.isnan(c["acc"][1]) else c["acc"][1] for _, c in pts], label=v.label, **style)
-        if v.alpha > 0:
+        if v.distilled:
             axes[1].errorbar([x * off for x, _ in pts], [c["delta"][0] for _, c in pts],
                              yerr=[0 if math.isnan(c["delta"][1]) else c["delta"][1] for _, c in pts], label=v.label,
                              **style)
@@ -339,7 +395,7 @@ def plot(p: Plan, cells: dict, teacher_acc: float, chance: float, png: Path) -> 
     axes[0].axhline(chance, color="grey", ls=":", label=f"chance {chance:.2f}")
     axes[0].set_ylim(0, 1.02)
     axes[1].axhline(0, color="black", lw=1)
-    for ax, title in zip(axes, ("held-out accuracy (mean ± 95% CI over seeds)", "HSD − SFT, paired by seed"),
+    for ax, title in zip(axes, ("held-out accuracy (mean ± 95% CI over seeds)", "distilled − SFT, paired by seed"),
                          strict=True):
         ax.set_xscale("log")
         ax.minorticks_off()
@@ -368,32 +424,38 @@ def report(p: Plan, results: List[dict], teacher_eval: dict, cache_manifest: dic
     plot(p, cells, t_acc["value"], chance, png)
     won, lost = verdict(p, cells)
     L = []
-    L.append("# Does hidden-state distillation help? (shapes, pico student, tiny LLaVA-1.5-style teacher)\n")
+    what = "HSD" if p.answers == "word" else "distillation"
+    if p.answers == "word":
+        L.append("# Does hidden-state distillation help? (shapes, pico student, tiny LLaVA-1.5-style teacher)\n")
+    else:
+        L.append("# Does distillation help on sentence answers? Hidden states and cross-tokenizer logits (shapes, pico "
+                 "student, tiny LLaVA-1.5-style teacher)\n")
     L.append(f"Generated by `{' '.join(['python', 'examples/hsd_evidence/run.py', *argv])}` — every number below "
              f"comes from that run ({'the `--quick` variant, ' if p.quick else ''}wall time **{wall_s / 60:.1f} min** "
              f"on {os.cpu_count()} CPU cores, the sum of the stages below). Nothing here is edited by hand.\n")
     L.append("## Verdict\n")
     if won:
-        L.append(f"HSD beat SFT — the paired HSD − SFT difference's 95% CI (over {len(p.seeds)} seeds) lies above 0 — "
+        L.append(f"{what} beat SFT — the paired distilled − SFT difference's 95% CI (over {len(p.seeds)} seeds) lies above 0 — "
                  f"in {len(won)} of {sum(1 for c in cells.values() if c['delta'] is not None)} cells: "
                  + "; ".join(won) + ".")
     else:
-        L.append(f"**HSD did not beat SFT anywhere**: in no cell does the paired HSD − SFT difference's 95% CI "
+        L.append(f"**{what} did not beat SFT anywhere**: in no cell does the paired distilled − SFT difference's 95% CI "
                  f"(over {len(p.seeds)} seeds) lie above 0.")
     if lost:
-        L.append(" HSD was worse than SFT (CI below 0) in: " + "; ".join(lost) + ".")
+        L.append(f" {what} was worse than SFT (CI below 0) in: " + "; ".join(lost) + ".")
     L.append(" Every other cell is a tie within the seeds' spread.")
     fam = {}
     for (name, _), c in cells.items():
         v = next(x for x in p.variants if x.name == name)
         if c["delta"] is not None and not v.ablation:
-            fam.setdefault("text+image" if v.image else "text only", []).append(c["delta"][0])
+            fam.setdefault(v.label if p.answers == "sentence" else "text+image" if v.image else "text only",
+                           []).append(c["delta"][0])
     n_cells = sum(1 for c in cells.values() if c["delta"] is not None)
     L.append(" Sign of the mean Δ per family (α × fraction cells): " + "; ".join(
         f"{k}: {sum(d > 0 for d in ds)} of {len(ds)} above 0, mean {sum(ds) / len(ds):+.3f}" for k, ds in fam.items())
         + f". (The {n_cells} cells are uncorrected tests at 95%: about {0.025 * n_cells:.1f} cells would land above 0 by "
-        "chance if HSD did nothing, so read the families, not single cells.)\n")
-    tried = sorted({v.label for v in p.variants if v.alpha > 0})
+        f"chance if {what} did nothing, so read the families, not single cells.)\n")
+    tried = sorted({v.label for v in p.variants if v.distilled})
     L.append(f"Variants tried: {'; '.join(tried)}. Text layer pairs (student:teacher hidden-state index): the "
              f"trainer's default 3:4 (last:last) unless named; image term: student layer 2 ↔ teacher layer "
              f"{p.image_layer}'s image-token states (the 3×3 grids coincide, so pooling is the identity); targets "
@@ -402,10 +464,18 @@ def report(p: Plan, results: List[dict], teacher_eval: dict, cache_manifest: dic
     L.append(f" Alignment coverage: the cache paired **{cache_manifest['coverage']:.3f}** of the student's answer "
              f"tokens with a teacher token ending at the same character (manifest `coverage`); per supervised token "
              f"in training — which also counts the student's end-of-turn tokens, which have no text counterpart — "
-             f"{sum(cov) / max(len(cov), 1):.3f}. The answers are single words "
-             f"({cache_manifest['aligned_pairs'] / max(n_answers, 1):.2f} aligned pairs per answer over the "
-             f"{n_answers} training answers), so the distilled text states are those at the answer tokens: read "
-             "*after* the answer, predicting the end of the turn — not the state that chose the answer.\n")
+             f"{sum(cov) / max(len(cov), 1):.3f}. " + (
+                 f"The answers are single words ({cache_manifest['aligned_pairs'] / max(n_answers, 1):.2f} aligned "
+                 f"pairs per answer over the {n_answers} training answers), so the distilled text states are those at "
+                 "the answer tokens: read *after* the answer, predicting the end of the turn — not the state that "
+                 "chose the answer.\n" if p.answers == "word" else
+                 f"The answers are short sentences ({cache_manifest['aligned_pairs'] / max(n_answers, 1):.2f} aligned "
+                 f"pairs per answer over the {n_answers} training answers): most pairs sit inside the answer, where "
+                 "the teacher's state and next-token distribution bear on the words still to come. KD uses the "
+                 f"teacher's top-{cache_manifest.get('logits_topk')} log-probs at every pair; the vocabulary map "
+                 f"pairs {cache_manifest.get('vocab_map', {}).get('mapped_tokens', 0)} of the teacher's "
+                 f"{cache_manifest.get('vocab_map', {}).get('teacher_vocab_size', 0)} tokens with a student token of "
+                 "the same string.\n"))
     L.append("## Setup\n")
     L.append("| | teacher | student |\n|---|---|---|")
     tc = teacher_eval["config"]
@@ -426,8 +496,10 @@ def report(p: Plan, results: List[dict], teacher_eval: dict, cache_manifest: dic
     L.append("Stage wall times: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in stage_s.items()) + ".\n")
     L.append("## Results: held-out accuracy\n")
     L.append(f"Teacher (ceiling): **{t_acc['value']:.3f}** [{t_acc['ci95'][0]:.3f}, {t_acc['ci95'][1]:.3f}] (95% "
-             f"Wilson, {t_acc['n']} questions). Chance: {chance:.3f}. Cells: mean ± 95% t-interval over seeds; Δ = HSD "
-             "− SFT paired by seed (same student initialisation and data order).\n")
+             f"Wilson, {t_acc['n']} questions). Chance: {chance:.3f}. Cells: mean ± 95% t-interval over seeds; Δ = "
+             f"{what} − SFT paired by seed (same student initialisation and data order)."
+             + (" An answer counts when the whole sentence matches (normalized as for one word)." if p.answers ==
+                "sentence" else "") + "\n")
     head = "| variant | " + " | ".join(f"{f:.0%} acc | {f:.0%} Δ" for f in p.fractions) + " |"
     L.append(head)
     L.append("|---" * (1 + 2 * len(p.fractions)) + "|")
@@ -438,7 +510,26 @@ def report(p: Plan, results: List[dict], teacher_eval: dict, cache_manifest: dic
             row += ["" if c is None else fmt(*c["acc"]),
                     "" if c is None or c["delta"] is None else fmt(*c["delta"], signed=True)]
         L.append("| " + " | ".join(row) + " |")
-    L.append(f"\n![accuracy and HSD − SFT]({png.name})\n")
+    if any(c.get("eval_ce") for c in cells.values()):
+        L.append("\nHeld-out answer cross-entropy (`bonsai-mlx eval --task loss` on the held-out questions; lower is "
+                 "better), and its distilled − SFT difference paired by seed (below 0: distillation helped):\n")
+        L.append("| variant | " + " | ".join(f"{f:.0%} CE | {f:.0%} Δ CE" for f in p.fractions) + " |")
+        L.append("|---" * (1 + 2 * len(p.fractions)) + "|")
+        for v in p.variants:
+            row = [v.label]
+            for f in p.fractions:
+                c = cells.get((v.name, f))
+                row += ["" if c is None or c["eval_ce"] is None else fmt(*c["eval_ce"]),
+                        "" if c is None or c["delta_ce"] is None else fmt(*c["delta_ce"], signed=True)]
+            L.append("| " + " | ".join(row) + " |")
+        won_ce = [f"{next(v.label for v in p.variants if v.name == n)} at {f:.0%}" for (n, f), c in cells.items()
+                  if c.get("delta_ce") and not math.isnan(c["delta_ce"][1]) and c["delta_ce"][0] + c["delta_ce"][1] < 0]
+        lost_ce = [f"{next(v.label for v in p.variants if v.name == n)} at {f:.0%}" for (n, f), c in cells.items()
+                   if c.get("delta_ce") and not math.isnan(c["delta_ce"][1]) and c["delta_ce"][0] - c["delta_ce"][1] > 0]
+        L.append("\nBy held-out CE, distillation " + (f"helped (Δ's 95% CI below 0) in: {'; '.join(won_ce)}" if won_ce
+                 else "helped nowhere (no Δ's 95% CI lies below 0)") + (f"; it hurt (CI above 0) in: {'; '.join(lost_ce)}"
+                 if lost_ce else "") + ".\n")
+    L.append(f"\n![accuracy and distilled − SFT]({png.name})\n")
     L.append(f"Every run's numbers (accuracy overall and per type, final CE and distillation terms, coverage, times): "
              f"[`{doc.with_suffix('.json').name}`]({doc.with_suffix('.json').name}).\n")
     L.append("## Per question type\n")
@@ -460,7 +551,9 @@ def report(p: Plan, results: List[dict], teacher_eval: dict, cache_manifest: dic
     L.append("## Distillation terms at the end of training\n")
     L.append("Mean over the last 20 steps and the seeds (L_text / L_img are per-dimension MSEs against the "
              "standardized targets — raw targets for the \"raw\" ablation; CE is the answer cross-entropy).\n")
-    L.append("| variant | fraction | CE | L_text | L_img |\n|---|---|---|---|---|")
+    kd = any(v.kd_weight > 0 for v in p.variants)
+    L.append("| variant | fraction | CE | L_text | L_img |" + (" L_kd |" if kd else "") + "\n|---|---|---|---|---|"
+             + ("---|" if kd else ""))
     for v in p.variants:
         for f in p.fractions:
             rows = [x for x in results if x["variant"] == v.name and x["fraction"] == f]
@@ -469,7 +562,8 @@ def report(p: Plan, results: List[dict], teacher_eval: dict, cache_manifest: dic
                     return sum(x.get(k, float("nan")) for x in rows) / len(rows)
 
                 L.append(f"| {v.label} | {f:.0%} | {avg('final_ce'):.4f} | "
-                         + (f"{avg('l_text'):.4f} | {avg('l_img'):.4f} |" if v.alpha > 0 else "– | – |"))
+                         + (f"{avg('l_text'):.4f} | {avg('l_img'):.4f} |" if v.alpha > 0 else "– | – |")
+                         + ((f" {avg('l_kd'):.4f} |" if v.kd_weight > 0 else " – |") if kd else ""))
     L.append("\n## Exact commands\n")
     L.append("One command ran everything: `" + " ".join(["python", "examples/hsd_evidence/run.py", *argv]) + "`. "
              "What it ran, for one seed and fraction (the others differ in `--seed`, `--limit` and the paths; every "
@@ -494,10 +588,15 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="a ≤ 10-minute version: 1000 images, 2 fractions, 2 seeds, "
                     "SFT vs HSD α=0.3 text / text+image, 40 steps")
     ap.add_argument("--jobs", type=int, default=2, help="student runs at once (one per core) [2]")
+    ap.add_argument("--answers", choices=["word", "sentence"], default="word",
+                    help="word: the hidden-state experiment; sentence: short-sentence answers, HSD and KD [word]")
     a = ap.parse_args(argv)
     if a.jobs < 1:
         ap.error("--jobs must be at least 1")
-    p = quick_plan(a.out) if a.quick else Plan(out=a.out)
+    if a.answers == "sentence":
+        p = sentence_plan(a.out, a.quick)
+    else:
+        p = quick_plan(a.out) if a.quick else Plan(out=a.out)
     p.jobs = a.jobs
     doc = a.doc or (a.out / "hsd_evidence.md")
     doc.parent.mkdir(parents=True, exist_ok=True)
@@ -545,9 +644,9 @@ def main(argv=None) -> int:
     first = runs_of(p)
     examples = {}
     for r in first:
-        key = "hsd" if r.variant.alpha > 0 else "sft"
+        key = ("kd" if r.variant.kd_weight > 0 else "hsd") if r.variant.distilled else "sft"
         if key not in examples and r.seed == p.seeds[0] and r.fraction == max(p.fractions) and (
-                key == "sft" or r.variant.image):
+                key != "hsd" or r.variant.image):
             examples[key] = " ".join(shlex.quote(c) for c in train_cmd(p, r, students[r.seed], data, cache,
                                                                        p.out / "runs" / r.name))
     for f in ("cache_build.log", "teacher.log"):

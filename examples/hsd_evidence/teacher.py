@@ -175,7 +175,7 @@ def train_lm(model, tokenizer, records, images: Images, steps: int, batch: int, 
 
 
 @torch.inference_mode()
-def evaluate(model, tokenizer, records, images: Images, batch: int = 50) -> dict:
+def evaluate(model, tokenizer, records, images: Images, batch: int = 50, max_new_tokens: int = 8) -> dict:
     """Greedy answers to single-question held-out records, scored as `bonsai-mlx eval --task vqa` scores them."""
     tokenizer.padding_side = "left"
     per_type: dict = {}
@@ -186,7 +186,7 @@ def evaluate(model, tokenizer, records, images: Images, batch: int = 50) -> dict
                    + " ASSISTANT:" for r in chunk]
         enc = tokenizer(prompts, return_tensors="pt", padding=True)
         px = torch.stack([images(r["image"]) for r in chunk])
-        out = model.generate(**enc, pixel_values=px, max_new_tokens=8, do_sample=False,
+        out = model.generate(**enc, pixel_values=px, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
         for r, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:], strict=True):
             pred = tokenizer.decode(seq, skip_special_tokens=True).strip()
@@ -213,6 +213,9 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models run fastest on one) [1]")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=int, default=8, help="longest held-out answer generated [8]")
+    ap.add_argument("--word-pieces", action="store_true",
+                    help="a tokenizer whose merges stay inside words, as Llama's (teacher_cache.testing)")
     a = ap.parse_args(argv)
     for f in ("train.json", "eval.json", "instances_train.json"):
         if not (a.data / f).exists():
@@ -225,7 +228,7 @@ def main(argv=None) -> int:
     train = json.loads((a.data / "train.json").read_text())
     held_out = json.loads((a.data / "eval.json").read_text())
     corpus = [t["value"].replace("<image>\n", "") for r in train for t in r["conversations"]]
-    tokenizer = train_llama_tokenizer(corpus)
+    tokenizer = train_llama_tokenizer(corpus, word_pieces=a.word_pieces)
     model = build_model(tokenizer, a.width, a.layers, a.seed)
     proc = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     images = Images(a.data, proc)
@@ -234,7 +237,7 @@ def main(argv=None) -> int:
     vis = pretrain_vision(model, images, a.data / "instances_train.json", a.vision_steps, a.seed)
     log(f"vision pretraining: {a.vision_steps} steps, multi-label loss {vis['loss_first']:.3f} → {vis['loss_last']:.3f}")
     curve = train_lm(model, tokenizer, train, images, a.steps, a.batch_size, a.lr, a.seed, log)
-    result = evaluate(model, tokenizer, held_out, images)
+    result = evaluate(model, tokenizer, held_out, images, max_new_tokens=a.max_new_tokens)
     acc = result["accuracy"]
     log(f"teacher held-out accuracy {acc['value']:.3f} [{acc['ci95'][0]:.3f}, {acc['ci95'][1]:.3f}]; " + ", ".join(
         f"{t} {m['value']:.2f}" for t, m in result["per_type"].items()))
