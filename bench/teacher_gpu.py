@@ -100,7 +100,7 @@ def main():
         model = LlavaForConditionalGeneration(cfg).eval()
     torch.set_default_dtype(torch.float32)
     n_params = sum(p.numel() for p in model.parameters())
-    from teacher_cache.build import prepare, student_side
+    from teacher_cache.records import prepare, student_side
 
     rec = json.loads(make_data(root / "probe", 1).read_text())[0]
     p = prepare(0, rec, student_side(str(student)), ltok, 576, cfg.image_token_id)

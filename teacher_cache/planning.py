@@ -26,7 +26,7 @@ def estimate(data, layers: List[int], limit: Optional[int], image_states: bool, 
     if student_tokenizer and teacher:
         from transformers import AutoTokenizer, LlavaConfig
 
-        from .build import prepare, student_side
+        from .records import prepare, student_side
 
         student = student_side(student_tokenizer)
         tdir = resolve(teacher, what="teacher")

@@ -156,13 +156,15 @@ def test_cache_with_logits_reads_back_and_matches_the_teachers_log_softmax(world
     assert r.returncode == 0, r.stderr
     man = json.loads((out / "manifest.json").read_text())
     assert man["logits_topk"] == K and man["vocab_map"]["mapped_tokens"] > 0 and len(man["shards"]) >= 2
-    from transformers import AutoTokenizer
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoTokenizer
 
-    from teacher_cache.build import prepare, student_side
     from teacher_cache.format import CacheReader
+    from teacher_cache.records import frame_image, prepare, student_side
 
     st = student_side(str(student))
     ttok = AutoTokenizer.from_pretrained(str(teacher))
+    proc = AutoImageProcessor.from_pretrained(str(teacher))
     vmap = load_file(str(out / "vocab_map.safetensors"))["teacher_to_student"]
     assert np.array_equal(vmap, build_map(ttok, st.tokenizer, hf_teacher.config.text_config.vocab_size))
     records = json.loads(data.read_text())
@@ -175,12 +177,6 @@ def test_cache_with_logits_reads_back_and_matches_the_teachers_log_softmax(world
             a, b = t["text_offsets"][row], t["text_offsets"][row + 1]
             rec = records[si]
             p = prepare(si, rec, st, ttok, 36, hf_teacher.config.image_token_id)
-            from PIL import Image
-            from transformers import AutoImageProcessor
-
-            from teacher_cache.build import frame_image
-
-            proc = AutoImageProcessor.from_pretrained(str(teacher))
             img = frame_image(Image.open(data.parent / "images" / rec["image"]), "resize", 48, proc.image_mean)
             pix = proc(images=img, do_resize=False, do_center_crop=False, return_tensors="pt")["pixel_values"]
             with torch.no_grad():

@@ -70,7 +70,12 @@ def test_greedy_answers_equal_generate_streamed_or_not(served):
         assert text == ref.text
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == ref.finish_reason
         assert chunks[-1].usage.completion_tokens == len(ref.token_ids)
-    # ignore_eos (llama.cpp's / vLLM's extension): exactly max_tokens tokens, EOS or not
+    # ignore_eos (llama.cpp's / vLLM's extension): EOS does not end the answer, so exactly max_tokens tokens
+    from bonsai_mlx.serve.engine import Job, _Live
+
+    eos = next(iter(proc.tokenizer.eos_token_ids))
+    assert _Live(Job([], None, [], 5), proc, 3).add(eos, None) is True  # EOS ends a normal answer
+    assert _Live(Job([], None, [], 5, ignore_eos=True), proc, 3).add(eos, None) is False
     r = client.chat.completions.create(model="tiny", messages=ask("Hi?", img), max_tokens=40,
                                        extra_body={"ignore_eos": True})
     assert r.usage.completion_tokens == 40 and r.choices[0].finish_reason == "length"

@@ -96,7 +96,7 @@ def test_build_verify_and_values_equal_the_teacher(world, tmp_path):
     from PIL import Image
     from transformers import AutoImageProcessor, AutoTokenizer
 
-    from teacher_cache.build import frame_image, prepare, student_side
+    from teacher_cache.records import frame_image, prepare, student_side
 
     st = student_side(str(student))
     ttok = AutoTokenizer.from_pretrained(str(teacher))

@@ -100,11 +100,11 @@ class Engine:
                 # idle: hand MLX's buffer cache back (the CPU policy keeps up to 1 GB of freed buffers for the next
                 # prefill), so the server's memory returns to its idle level between bursts
                 mx.clear_cache()
-            # admit: block for work only when nothing is decoding; one prefill between decode steps, so running
-            # answers keep streaming
-            if not closing and len(live) < self.max_concurrency:
+            # admit: block for work only when nothing is decoding (and not closing: then drain what is queued);
+            # one prefill between decode steps, so running answers keep streaming
+            if len(live) < self.max_concurrency:
                 try:
-                    job = self._queue.get(block=not live)
+                    job = self._queue.get(block=not live and not closing)
                 except queue.Empty:
                     job = False
                 if job is None:

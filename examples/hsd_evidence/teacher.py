@@ -42,8 +42,8 @@ from transformers import (
 from bonsai_mlx.evaluate.stats import normalize_answer, proportion
 from bonsai_mlx.processing import load_image
 from bonsai_mlx.prompting import parse_turns
-from teacher_cache.build import frame_image
 from teacher_cache.prompt import VICUNA_SYSTEM, vicuna_text
+from teacher_cache.records import frame_image
 from teacher_cache.testing import train_llama_tokenizer
 
 IMAGE_SIZE, PATCH = 48, 16
