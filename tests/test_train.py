@@ -209,6 +209,12 @@ def test_config_yaml_flags_override_and_json_errors(setup, tmp_path):
     y.write_text("unknown_key: 1\n")
     res = cli("train", "--config", str(y), "--out", str(tmp_path / "r3"))
     assert res.returncode == 1 and "unknown_key" in res.stderr
+    # a missing data file, a folder that is not a student: one line each
+    res = cli("train", "--model", str(student), "--data", str(tmp_path / "nope.json"), "--out", str(tmp_path / "r4"))
+    assert res.returncode == 1 and "--data" in res.stderr and "no such file" in res.stderr, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr and res.stderr.strip().count("\n") == 0
+    res = cli("train", "--model", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "r5"))
+    assert res.returncode == 1 and "no config.json" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
 
 
 def test_fuse_equals_adapter(setup, tmp_path):

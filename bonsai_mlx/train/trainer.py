@@ -82,6 +82,10 @@ class Trainer:
             raise BonsaiError(f"the checkpoint's global batch {global_batch} does not split over {self.world} ranks")
         cfg.batch_size = global_batch // self.world
         model_path = resolve(cfg.model)
+        for f in ("config.json", "tokenizer.json"):
+            if not (model_path / f).exists():
+                raise BonsaiError(f"--model {cfg.model}: no {f} there (pass a student directory made by "
+                                  "`bonsai-mlx init`, or a hub id)")
         from transformers import AutoTokenizer
 
         self.tokenizer = AutoTokenizer.from_pretrained(str(model_path))
@@ -126,6 +130,8 @@ class Trainer:
         self._build_step()
 
     def _load_train_set(self, cfg: TrainConfig, image_seq_length: int, log):
+        if not Path(cfg.data).is_file():
+            raise BonsaiError(f"--data {cfg.data}: no such file (a LLaVA-Instruct-format JSON list of records)")
         sha = file_sha256(cfg.data)
         return sha, SFTDataset.from_file(cfg.data, self.tokenizer, cfg.image_root, image_seq_length, cfg.max_seq_len,
                                          cfg.system, cfg.strict, cfg.limit, sha, cache_dir=cfg.data_cache, log=log)
