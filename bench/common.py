@@ -45,7 +45,7 @@ def real_size_student(dtype=mx.float32, quantize=None, seed=0):
     model.set_dtype(dtype)
     if quantize:
         quantize_language_model(model, bits=quantize)
-    accelerate(model, upcast=False)  # as `load_model` does (the dtype is the caller's)
+    accelerate(model, upcast=False, pack=True)  # as `io.load` does (the dtype is the caller's)
     mx.eval(model.parameters())
     model.eval()
     d = Path(tempfile.mkdtemp(prefix="bonsai-bench-"))

@@ -143,17 +143,24 @@ def save_model(model: LlavaModel, out_dir: Union[str, Path], extra_files_from: O
 
 
 def load(
-    path_or_repo: Union[str, Path], quantize: Optional[int] = None, adapter: Optional[Union[str, Path]] = None
+    path_or_repo: Union[str, Path], quantize: Optional[int] = None, adapter: Optional[Union[str, Path]] = None,
+    pack: bool = True,
 ):
-    """Load a student and its processor (`bonsai_mlx.load`). `adapter`: a training checkpoint directory (LoRA
-    adapters + projector); a QLoRA checkpoint's base is quantized as it was in training unless `quantize` says."""
+    """Load a student and its processor for inference (`bonsai_mlx.load`). `adapter`: a training checkpoint directory
+    (LoRA adapters + projector); a QLoRA checkpoint's base is quantized as it was in training unless `quantize` says.
+    pack: let `cpu.accelerate` repack 4-bit weights for the CPU's decode kernel (after the adapter is applied: LoRA
+    layers read the base's shapes). Pass False to read the weights back (export): packed layers no longer hold
+    MLX's `weight` / `scales` / `biases`."""
     from .adapters import adapter_quantization, apply_adapter
+    from .cpu import accelerate as cpu_accelerate
     from .processing import Processor
 
     path = resolve(str(path_or_repo))
     if adapter is not None and not quantize:
         quantize = adapter_quantization(adapter)
-    model = load_model(path, quantize=quantize)
+    model = load_model(path, quantize=quantize, accelerate=False)
     if adapter is not None:
         apply_adapter(model, adapter)
+    model.acceleration = cpu_accelerate(model, pack=pack)
+    mx.eval(model.parameters())
     return model, Processor.from_pretrained(path, model)

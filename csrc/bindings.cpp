@@ -7,6 +7,7 @@
 
 #include "decode_block.h"
 #include "fused.h"
+#include "pages.h"
 #include "qmm.h"
 
 namespace nb = nanobind;
@@ -16,7 +17,7 @@ NB_MODULE(_qmm, m) {
   m.doc() = "bonsai-mlx: vectorized quantized matmul for MLX's affine format on the CPU";
   m.def("quantized_matmul", &bonsai::quantized_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "transpose"_a = true,
         "group_size"_a = 64, "bits"_a = 4, nb::kw_only(), "bias"_a = nb::none(), "row_kernel_rows"_a = 0,
-        "stream"_a = nb::none(),
+        "packed_n"_a = 0, "stream"_a = nb::none(),
         "x @ dequantize(w).T (transpose) or x @ dequantize(w), float32, as mx.quantized_matmul computes it.");
   m.def("rms_norm", &bonsai::rms_norm, "x"_a, "weight"_a, "eps"_a, nb::kw_only(), "stream"_a = nb::none(),
         "mx.fast.rms_norm as one CPU op (float32, no vjp).");
@@ -30,15 +31,27 @@ NB_MODULE(_qmm, m) {
       "decode_block",
       [](const std::vector<mx::array>& inputs, float eps, int n_heads, int n_kv_heads, int head_dim,
          bool rope_traditional, float rope_base, float rope_scale, const std::vector<int>& offsets, float attn_scale,
-         int group_size, int bits, int bias_mask) {
+         int group_size, int bits, int bias_mask, const std::vector<int>& packed_n) {
         bonsai::BlockParams p{eps, n_heads, n_kv_heads, head_dim, rope_traditional, rope_base, rope_scale,
-                              offsets, attn_scale, group_size, bits, bias_mask};
+                              offsets, attn_scale, group_size, bits, bias_mask, packed_n};
         return bonsai::decode_block(inputs, p);
       },
       "inputs"_a, nb::kw_only(), "eps"_a, "n_heads"_a, "n_kv_heads"_a, "head_dim"_a, "rope_traditional"_a,
-      "rope_base"_a, "rope_scale"_a, "offsets"_a, "attn_scale"_a, "group_size"_a, "bits"_a, "bias_mask"_a,
+      "rope_base"_a, "rope_scale"_a, "offsets"_a, "attn_scale"_a, "group_size"_a, "bits"_a, "bias_mask"_a, "packed_n"_a = std::vector<int>{},
       "One token per sequence through a quantized Qwen2/Llama block (csrc/decode_block.h): "
       "[output, new key 0, new value 0, new key 1, ...].");
+  nb::class_<bonsai::PageArena>(m, "PageArena",
+                                 "One MLX allocation advised into 2 MB pages, for weights (csrc/pages.h).")
+      .def(nb::init<size_t, bool>(), "nbytes"_a, "advise"_a = true)
+      .def("place", &bonsai::PageArena::place, "a"_a, "A copy of the array `a` in the arena.")
+      .def("place_packed", &bonsai::PageArena::place_packed, "w"_a, "scales"_a, "biases"_a, "group_size"_a,
+           "A 4-bit weight as 16-row tiles (csrc/packed.h) in the arena: [packed, scales, biases].")
+      .def_static("packed_bytes", &bonsai::PageArena::packed_bytes, "n"_a, "k"_a, "group_size"_a)
+      .def_prop_ro("used", &bonsai::PageArena::used)
+      .def_prop_ro("capacity", &bonsai::PageArena::capacity)
+      .def_prop_ro("advised", &bonsai::PageArena::advised);
+  m.def("packed_kernel", &bonsai::packed_kernel,
+        "Whether 4-bit weights packed as 16-row tiles (csrc/packed.h) have their kernel on this CPU.");
   m.def("kernel_isa", &bonsai::kernel_isa, "The row kernel in use: avx2+fma, neon or portable.");
   m.def("activations", &bonsai::activations,
         "int8: 4-bit products of fewer than int8_rows() rows round the activations to int8 per block of 32; "

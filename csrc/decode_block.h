@@ -20,11 +20,12 @@ struct BlockParams {
   float attn_scale = 1.0f;
   int group_size = 64, bits = 4;
   int bias_mask = 0;          // bit i: linear i (q k v o gate up down) has a bias, passed after the 7 triples
+  std::vector<int> packed_n;  // empty: MLX-layout linears; else all 7 are packed.h tiles, of these output rows
 };
 
 // B rows (sequences), each with its own KV cache and position: inputs x [B, 1, D], norm 1 [D], norm 2 [D], then per
 // row b its keys and values [1, Hk, >= offsets[b], head_dim] (the cache's buffers: positions < offsets[b] are read),
-// then (w, scales, biases) of q k v o gate up down, then the biases of bias_mask.
+// then (w, scales, biases) of q k v o gate up down (or their packed tiles: packed_n), then the biases of bias_mask.
 // Returns the block's output [B, 1, D] and per row its new key and value rows [1, Hk, 1, head_dim] (rotated key):
 // [out, k_0, v_0, k_1, v_1, ...]. The products run on all B rows at once (each weight byte read once per step).
 std::vector<mx::array> decode_block(const std::vector<mx::array>& inputs, const BlockParams& p,

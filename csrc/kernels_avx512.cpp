@@ -7,7 +7,11 @@
 // about half the instructions per weight byte of the AVX2 kernel, which is bound by instructions, not memory.
 #include <immintrin.h>
 
+#include <algorithm>
+#include <cstring>
+
 #include "kernels.h"
+#include "packed.h"
 
 #ifndef BONSAI_PREFETCH
 #define BONSAI_PREFETCH 2048  // bytes ahead of each weight row read (0: none)
@@ -118,6 +122,96 @@ void rows_q8_avx512(const QmmArgs& a, int n0, int n1) {
     int n = n0;
     for (; n + 4 <= n1; n += 4) q8_block<1, 4>(a, n, m);
     for (; n < n1; ++n) q8_block<1, 1>(a, n, m);
+  }
+}
+
+// acc += u8(w) · s8(the 4 bytes at x, broadcast to every lane): vpdpbusd with an embedded {1to16} broadcast, which
+// GCC does not fold from _mm512_set1_epi32 (a separate vpbroadcastd per product otherwise)
+static inline __m512i dot_bcast(__m512i acc, __m512i w, const int8_t* x) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(w), "m"(*reinterpret_cast<const int32_t*>(x)));
+  return acc;
+}
+
+// The 16-row tiles of packed.h: for rows m0 .. m0+MB-1 of x, the 16 outputs of tile t. Per 32-block: 4 chunks of 64
+// bytes; per chunk and row two dot_bcast — the low nibbles (w & 0x0F) with x[8c .. 8c+3], the high nibbles in place
+// (w & 0xF0, i.e. 16 × the value: no shift per chunk) with x[8c+4 .. 8c+7]; per block the high sum shifted back
+// (exact: a multiple of 16), converted and FMA'd with the tile's 16 scales times the block's d_b; per group one FMA
+// of the biases with xdsum. About 5 instructions per 64 weight bytes and row, no horizontal sums.
+template <int MB>
+static void packed_tile(const QmmArgs& a, int t, int m0) {
+  const int K = a.K, G = K / a.group_size, per_group = a.group_size / 32, nb = K / 32;
+  const uint8_t* p = reinterpret_cast<const uint8_t*>(a.w) + static_cast<int64_t>(t) * 8 * K;
+  const float* sc = a.scales + static_cast<int64_t>(t) * G * kTileRows;
+  const float* bi = a.biases + static_cast<int64_t>(t) * G * kTileRows;
+  const __m512i m_lo = _mm512_set1_epi8(0x0F), m_hi = _mm512_set1_epi8(static_cast<char>(0xF0));
+  const int8_t* xr[MB];
+  for (int r = 0; r < MB; ++r) xr[r] = a.xq + static_cast<int64_t>(m0 + r) * K;
+  __m512 acc[MB];
+  for (int r = 0; r < MB; ++r) acc[r] = _mm512_setzero_ps();
+  for (int g = 0; g < G; ++g) {
+    const __m512 s = _mm512_loadu_ps(sc + kTileRows * g);
+    for (int bb = 0; bb < per_group; ++bb) {
+      const int b = g * per_group + bb;
+      __m512i lo[MB], hi[MB];
+      for (int r = 0; r < MB; ++r) lo[r] = hi[r] = _mm512_setzero_si512();
+      for (int c = 0; c < 4; ++c, p += 64) {
+        if (BONSAI_PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(p) + BONSAI_PREFETCH, _MM_HINT_T0);
+        const __m512i w = _mm512_loadu_si512(p);
+        const __m512i wl = _mm512_and_si512(w, m_lo), wh = _mm512_and_si512(w, m_hi);
+        for (int r = 0; r < MB; ++r) {
+          const int8_t* x = xr[r] + 32 * b + 8 * c;
+          lo[r] = dot_bcast(lo[r], wl, x);
+          hi[r] = dot_bcast(hi[r], wh, x + 4);
+        }
+      }
+      for (int r = 0; r < MB; ++r)
+        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(lo[r], _mm512_srai_epi32(hi[r], 4))),
+                                 _mm512_mul_ps(s, _mm512_set1_ps(a.xd[static_cast<int64_t>(m0 + r) * nb + b])), acc[r]);
+    }
+    const __m512 bv = _mm512_loadu_ps(bi + kTileRows * g);
+    for (int r = 0; r < MB; ++r)
+      acc[r] = _mm512_fmadd_ps(bv, _mm512_set1_ps(a.xdsum[static_cast<int64_t>(m0 + r) * G + g]), acc[r]);
+  }
+  const int rows = std::min(kTileRows, a.N - kTileRows * t);
+  const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1u);
+  for (int r = 0; r < MB; ++r) _mm512_mask_storeu_ps(a.y + static_cast<int64_t>(m0 + r) * a.N + kTileRows * t, keep, acc[r]);
+}
+
+void rows_q8_packed_avx512(const QmmArgs& a, int t0, int t1) {
+  int m = 0;
+  for (; m + 4 <= a.M; m += 4)
+    for (int t = t0; t < t1; ++t) packed_tile<4>(a, t, m);
+  for (; m + 2 <= a.M; m += 2)
+    for (int t = t0; t < t1; ++t) packed_tile<2>(a, t, m);
+  for (; m < a.M; ++m)
+    for (int t = t0; t < t1; ++t) packed_tile<1>(a, t, m);
+}
+
+// dequantize_packed_t (packed.h) for tiles: each 64-byte chunk gives, for each of its 8 k, the 16 rows' values as one
+// vector (byte j of every dword lane), scaled by the group's 16 scales and biases and stored as 16 floats.
+void dequantize_packed_t_avx512(const uint8_t* pw, const float* ps, const float* pb, int K, int group_size, int n0,
+                                int n1, int N, float* out, int64_t ld) {
+  const int G = K / group_size;
+  const __m512i m4 = _mm512_set1_epi8(0x0F), byte = _mm512_set1_epi32(0xFF);
+  for (int n = n0; n < n1; n += kTileRows) {
+    const int t = n / kTileRows, rows = std::min(kTileRows, N - n);
+    const __mmask16 keep = static_cast<__mmask16>((1u << rows) - 1u);
+    const uint8_t* tile = pw + static_cast<int64_t>(t) * 8 * K;
+    const float* s = ps + static_cast<int64_t>(t) * G * kTileRows;
+    const float* b = pb + static_cast<int64_t>(t) * G * kTileRows;
+    float* o = out + (n - n0);
+    for (int c = 0; c < K / 8; ++c) {
+      const int g = 8 * c / group_size;
+      const __m512 sv = _mm512_loadu_ps(s + g * kTileRows), bv = _mm512_loadu_ps(b + g * kTileRows);
+      const __m512i w = _mm512_loadu_si512(tile + 64 * c);
+      const __m512i lo = _mm512_and_si512(w, m4), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), m4);
+      for (int j = 0; j < 4; ++j) {
+        const __m512 vl = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(lo, 8 * j), byte));
+        const __m512 vh = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srli_epi32(hi, 8 * j), byte));
+        _mm512_mask_storeu_ps(o + static_cast<int64_t>(8 * c + j) * ld, keep, _mm512_fmadd_ps(vl, sv, bv));
+        _mm512_mask_storeu_ps(o + static_cast<int64_t>(8 * c + 4 + j) * ld, keep, _mm512_fmadd_ps(vh, sv, bv));
+      }
+    }
   }
 }
 

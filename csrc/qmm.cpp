@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "kernels.h"
+#include "packed.h"
 #include "strided.h"
 #include "mlx/backend/cpu/encoder.h"
 #include "threadpool.h"
@@ -140,6 +141,22 @@ void check_inputs(const mx::array& x, const mx::array& w, const mx::array& scale
     throw std::invalid_argument(msg.str());
   }
 }
+
+void check_packed(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                  int group_size, int bits, bool transpose, int N) {
+  if (bits != 4) throw std::invalid_argument("[bonsai.quantized_matmul] packed tiles are 4-bit");
+  if (group_size != 32 && group_size != 64 && group_size != 128)
+    throw std::invalid_argument("[bonsai.quantized_matmul] group_size must be 32, 64 or 128");
+  const int T = packed_tiles(N);
+  if (w.ndim() != 2 || w.dtype() != mx::uint8 || w.shape(0) != T || w.shape(1) % (8 * group_size) != 0)
+    throw std::invalid_argument("[bonsai.quantized_matmul] packed w must be [ceil(N/16), 8K] uint8");
+  const int K = w.shape(1) / 8;
+  const mx::Shape sg = {T, K / group_size, kTileRows};
+  if (scales.shape() != sg || biases.shape() != sg || scales.dtype() != mx::float32 || biases.dtype() != mx::float32)
+    throw std::invalid_argument("[bonsai.quantized_matmul] packed scales/biases must be [ceil(N/16), K/g, 16] float32");
+  if (x.ndim() < 1 || x.shape(-1) != (transpose ? K : N))
+    throw std::invalid_argument("[bonsai.quantized_matmul] x's last axis does not match the packed weight");
+}
 }  // namespace
 
 DequantKernel dequant_kernel() {
@@ -150,6 +167,14 @@ DequantKernel dequant_kernel() {
   if (row_kernel() == rows_neon) return dequantize_rows_neon;
 #endif
   return dequantize_rows;
+}
+
+bool packed_kernel() {
+#if defined(__x86_64__) || defined(_M_X64)
+  return q8_kernel() == rows_q8_avx512;
+#else
+  return false;
+#endif
 }
 
 std::string kernel_isa() {
@@ -176,10 +201,14 @@ void set_num_threads(int n) { pool().resize(n); }
 
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
                            bool transpose, int group_size, int bits, const std::optional<mx::array>& bias,
-                           int row_kernel_rows, mx::StreamOrDevice s) {
-  check_inputs(x, w, scales, biases, group_size, bits, transpose);
+                           int row_kernel_rows, int packed_n, mx::StreamOrDevice s) {
+  if (packed_n > 0)
+    check_packed(x, w, scales, biases, group_size, bits, transpose, packed_n);
+  else
+    check_inputs(x, w, scales, biases, group_size, bits, transpose);
   auto st = mx::to_stream(s);
-  const int N = w.shape(0), K = w.shape(1) * 32 / bits;
+  const int N = packed_n > 0 ? packed_n : w.shape(0);
+  const int K = packed_n > 0 ? w.shape(1) / 8 : w.shape(1) * 32 / bits;
   auto shape = x.shape();
   shape.back() = transpose ? N : K;
   // no extra graph nodes in the common case (a decode step makes ~170 of these products): casts only where needed,
@@ -191,7 +220,8 @@ mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::arr
       throw std::invalid_argument("[bonsai.quantized_matmul] bias must be [N], with transpose=True");
     inputs.push_back(f32(*bias));
   }
-  return mx::array(shape, mx::float32, std::make_shared<QuantizedMatmul>(st, group_size, bits, transpose, row_kernel_rows),
+  return mx::array(shape, mx::float32,
+                   std::make_shared<QuantizedMatmul>(st, group_size, bits, transpose, row_kernel_rows, packed_n),
                    inputs);
 }
 
@@ -212,14 +242,15 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
   if (has_bias) enc.set_input_array(inputs[4]);
   enc.set_output_array(out);
   const int bits = bits_, gs = group_size_;
-  const int N = w.shape(0), K = w.shape(1) * 32 / bits;
+  const bool packed = packed_n_ > 0;
+  const int N = packed ? packed_n_ : w.shape(0), K = packed ? w.shape(1) / 8 : w.shape(1) * 32 / bits;
   const int inner = transpose_ ? K : N;
   const int M = static_cast<int>(x.size() / std::max(inner, 1));
   const mx::array bias = has_bias ? inputs[4] : x;  // x: a placeholder, unused without a bias
   enc.dispatch([x, w, scales, biases, bias, has_bias, yp = out.data<float>(), M, N, K, gs, bits,
-                transpose = transpose_, rows = row_kernel_rows_]() {
+                transpose = transpose_, rows = row_kernel_rows_, packed]() {
     if (M == 0) return;
-    product(x, w, scales, biases, yp, M, N, K, gs, bits, transpose, rows);
+    product(x, w, scales, biases, yp, M, N, K, gs, bits, transpose, rows, packed);
     if (has_bias) {
       std::vector<float> bb;
       const float* b = row_major(bias, bb);
@@ -231,18 +262,38 @@ void QuantizedMatmul::eval_cpu(const std::vector<mx::array>& inputs, std::vector
 
 void QuantizedMatmul::product(const mx::array& x, const mx::array& w, const mx::array& scales,
                               const mx::array& biases, float* yp, int M, int N, int K, int gs, int bits,
-                              bool transpose, int row_kernel_rows) {
+                              bool transpose, int row_kernel_rows, bool packed) {
   std::vector<float> xb, sb, bb;
   std::vector<uint32_t> wb;
-  product_rows(row_major(x, xb), row_major(w, wb), row_major(scales, sb), row_major(biases, bb), yp, M, N, K, gs,
-               bits, transpose, row_kernel_rows);
+  std::vector<uint8_t> pb;
+  const uint32_t* wp = packed ? reinterpret_cast<const uint32_t*>(row_major(w, pb)) : row_major(w, wb);
+  product_rows(row_major(x, xb), wp, row_major(scales, sb), row_major(biases, bb), yp, M, N, K, gs, bits, transpose,
+               row_kernel_rows, packed);
 }
 
 void product_rows(const float* xp, const uint32_t* wp, const float* sp, const float* bp, float* yp, int M, int N,
-                  int K, int gs, int bits, bool transpose, int row_kernel_rows) {
+                  int K, int gs, int bits, bool transpose, int row_kernel_rows, bool packed) {
   {
     const int G = K / gs;
-    if (transpose && M < (row_kernel_rows > 0 ? row_kernel_rows : many_rows())) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (packed && transpose && M < (row_kernel_rows > 0 ? row_kernel_rows : many_rows()) && packed_kernel()) {
+      // packed tiles: the int8 activations in natural order, then the tile kernel over slices of tiles
+      std::vector<float> xd(static_cast<size_t>(M) * (K / 32)), xdsum(static_cast<size_t>(M) * G);
+      std::vector<int8_t> xq(static_cast<size_t>(M) * K), xqp(static_cast<size_t>(M) * K);
+      quantize_activations(xp, M, K, gs, bits, xq.data(), xqp.data(), xd.data(), xdsum.data());
+      QmmArgs a{xp, xp, nullptr, wp, sp, bp, yp, M, N, K, gs, bits};
+      a.xq = xq.data();
+      a.xd = xd.data();
+      a.xdsum = xdsum.data();
+      const int T = packed_tiles(N);
+      if (static_cast<int64_t>(N) * K * bits < kSerialBits)
+        rows_q8_packed_avx512(a, 0, T);
+      else
+        pool().parallel_for(T, [&](int t0, int t1) { rows_q8_packed_avx512(a, t0, t1); }, true, 1);
+      return;
+    }
+#endif
+    if (!packed && transpose && M < (row_kernel_rows > 0 ? row_kernel_rows : many_rows())) {
       // few rows: per-group sums of x, then the int8 activations (q8 kernels) or the 4-bit chunk order (float
       // kernels), then the row kernel over output slices
       std::vector<float> xsum, xperm, xd, xdsum;
@@ -287,9 +338,29 @@ void product_rows(const float* xp, const uint32_t* wp, const float* sp, const fl
       }
       return;
     }
-    // many rows (or x @ W): dequantize a tile of weight rows at a time and multiply it with the BLAS
-    const int tile = static_cast<int>(std::max<int64_t>(16, std::min<int64_t>(N, kTileElems / K)));
+    // many rows (or x @ W; or packed tiles without their kernel): dequantize a tile of weight rows at a time and
+    // multiply it with the BLAS
+    const int tile = static_cast<int>(std::max<int64_t>(16, std::min<int64_t>(N, kTileElems / K)) / 16 * 16);
     std::vector<float> buf(static_cast<size_t>(tile) * K);
+    if (packed) {  // the tiles dequantize transposed: buf [K, nt] (dequantize_packed_t)
+      const auto* pw = reinterpret_cast<const uint8_t*>(wp);
+      for (int n0 = 0; n0 < N; n0 += tile) {
+        const int nt = std::min(tile, N - n0);
+        pool().parallel_for(nt, [&](int a, int b) {
+#if defined(__x86_64__) || defined(_M_X64)
+          if (packed_kernel())
+            return dequantize_packed_t_avx512(pw, sp, bp, K, gs, n0 + a, n0 + b, N, buf.data() + a, nt);
+#endif
+          dequantize_packed_t(pw, sp, bp, K, gs, n0 + a, n0 + b, buf.data() + a, nt);
+        }, /*spin=*/false, kTileRows);
+        if (transpose)  // y[:, n0:n0+nt] = x [M, K] @ buf [K, nt]
+          cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, M, nt, K, 1.0f, xp, K, buf.data(), nt, 0.0f, yp + n0, N);
+        else  // y [M, K] += x[:, n0:n0+nt] @ buf^T
+          cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, K, nt, 1.0f, xp + n0, N, buf.data(), nt, n0 ? 1.0f : 0.0f, yp,
+                      K);
+      }
+      return;
+    }
     DequantKernel dequant = dequant_kernel();
     for (int n0 = 0; n0 < N; n0 += tile) {
       const int nt = std::min(tile, N - n0);
@@ -325,14 +396,15 @@ std::vector<mx::array> QuantizedMatmul::vjp(const std::vector<mx::array>& primal
       throw std::invalid_argument("[bonsai.quantized_matmul] gradients only for the input (the weights are frozen)");
     // d/dx of x @ W^T is cot @ W, and of x @ W is cot @ W^T: the same primitive, transposed the other way
     out.push_back(quantized_matmul(cotangents[0], primals[1], primals[2], primals[3], !transpose_, group_size_, bits_,
-                                   std::nullopt, 0, stream()));
+                                   std::nullopt, 0, packed_n_, stream()));
   }
   return out;
 }
 
 std::vector<mx::Shape> QuantizedMatmul::output_shapes(const std::vector<mx::array>& inputs) {
   auto shape = inputs[0].shape();
-  const int N = inputs[1].shape(0), K = inputs[1].shape(1) * 32 / bits_;
+  const int N = packed_n_ > 0 ? packed_n_ : inputs[1].shape(0);
+  const int K = packed_n_ > 0 ? inputs[1].shape(1) / 8 : inputs[1].shape(1) * 32 / bits_;
   shape.back() = transpose_ ? N : K;
   return {shape};
 }
@@ -340,7 +412,7 @@ std::vector<mx::Shape> QuantizedMatmul::output_shapes(const std::vector<mx::arra
 bool QuantizedMatmul::is_equivalent(const mx::Primitive& other) const {
   const auto& o = static_cast<const QuantizedMatmul&>(other);
   return group_size_ == o.group_size_ && bits_ == o.bits_ && transpose_ == o.transpose_ &&
-         row_kernel_rows_ == o.row_kernel_rows_;
+         row_kernel_rows_ == o.row_kernel_rows_ && packed_n_ == o.packed_n_;
 }
 
 }  // namespace bonsai

@@ -21,16 +21,22 @@ namespace bonsai {
 
 // y = x @ dequantize(w).T (transpose) or x @ dequantize(w) (not transpose), x float32.
 // bias: the layer's own [N] bias, added in the same op (transpose only).
+// packed_n > 0: w, scales, biases are packed.h's tiles of a 4-bit [packed_n, K] weight (pack_weight below).
 mx::array quantized_matmul(const mx::array& x, const mx::array& w, const mx::array& scales,
                            const mx::array& biases, bool transpose, int group_size, int bits,
                            const std::optional<mx::array>& bias = std::nullopt, int row_kernel_rows = 0,
-                           mx::StreamOrDevice s = {});
+                           int packed_n = 0, mx::StreamOrDevice s = {});
+
+// Whether this CPU has the packed-tile kernel (AVX-512 VNNI, int8 activations on): where 4-bit weights are worth
+// packing (bonsai_mlx/cpu/pages.py).
+bool packed_kernel();
 
 class QuantizedMatmul : public mx::Primitive {
  public:
-  QuantizedMatmul(mx::Stream stream, int group_size, int bits, bool transpose, int row_kernel_rows = 0)
+  QuantizedMatmul(mx::Stream stream, int group_size, int bits, bool transpose, int row_kernel_rows = 0,
+                  int packed_n = 0)
       : mx::Primitive(stream), group_size_(group_size), bits_(bits), transpose_(transpose),
-        row_kernel_rows_(row_kernel_rows) {}
+        row_kernel_rows_(row_kernel_rows), packed_n_(packed_n) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
   void eval_gpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override;
@@ -43,19 +49,22 @@ class QuantizedMatmul : public mx::Primitive {
  private:
   // y [M, N or K] = x @ dequantize(w).T (or x @ dequantize(w)), on the calling thread and the pool
   static void product(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
-                      float* yp, int M, int N, int K, int gs, int bits, bool transpose, int row_kernel_rows);
+                      float* yp, int M, int N, int K, int gs, int bits, bool transpose, int row_kernel_rows,
+                      bool packed);
   int group_size_;
   int bits_;
   bool transpose_;
   int row_kernel_rows_;  // product_rows' bound (0: the default crossover)
+  int packed_n_;         // > 0: packed tiles of this many output rows
 };
 
 // The product on row-major buffers (x [M, K] or [M, N], w [N, K*bits/32], scales/biases [N, K/g]) into y, on the
 // calling thread and the pool: what QuantizedMatmul's task runs, and decode_block.cpp's layers.
 // row_kernel_rows: inputs with fewer rows use the row kernels (0: many_rows(), the prefill crossover); a decode step of
 // a batch of sequences passes its own bound, since re-dequantizing every weight per step costs far more there.
+// packed: w, scales, biases are packed.h's tiles (w's bytes), N the real output rows.
 void product_rows(const float* x, const uint32_t* w, const float* scales, const float* biases, float* y, int M, int N,
-                  int K, int group_size, int bits, bool transpose, int row_kernel_rows = 0);
+                  int K, int group_size, int bits, bool transpose, int row_kernel_rows = 0, bool packed = false);
 
 // f over [0, n) in chunks on the calling thread and the kernel's pool (threadpool.h)
 void parallel_for(int n, const std::function<void(int, int)>& f, int align = 4);

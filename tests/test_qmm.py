@@ -198,9 +198,11 @@ def test_quantized_student_uses_it_and_keeps_its_greedy_ids(tmp_path, tokenizer,
             qmm.set_activations("int8")
         default = [generate(model, processor, p, image=i, max_tokens=12).token_ids for p, i in prompts]
         int8 = [_forced_logprobs(model, processor, p, i, ids) for (p, i), ids in zip(prompts, with_kernel, strict=True)]
-        monkeypatch.setattr(qmm, "supports", lambda *a, **k: False)  # the extension unavailable: MLX's kernels
-        without = [generate(model, processor, p, image=i, max_tokens=12).token_ids for p, i in prompts]
-        mlx = [_forced_logprobs(model, processor, p, i, ids) for (p, i), ids in zip(prompts, with_kernel, strict=True)]
+        # the extension unavailable: MLX's kernels, on MLX's layout (without the extension nothing is packed)
+        plain, _ = load(d, quantize=bits, pack=False)
+        monkeypatch.setattr(qmm, "supports", lambda *a, **k: False)
+        without = [generate(plain, processor, p, image=i, max_tokens=12).token_ids for p, i in prompts]
+        mlx = [_forced_logprobs(plain, processor, p, i, ids) for (p, i), ids in zip(prompts, with_kernel, strict=True)]
         monkeypatch.undo()
         assert with_kernel == without and all(len(t) > 0 for t in with_kernel), (bits, with_kernel, without)
         full = [_forced_logprobs(f32, f32_processor, p, i, ids) for (p, i), ids in zip(prompts, with_kernel, strict=True)]
@@ -264,7 +266,7 @@ def test_vectorized_kernels_equal_the_portable_ones(tmp_path, arch):
     import shutil
 
     src = ROOT / "csrc"
-    files = [str(src / "test_kernels.cpp"), str(src / "kernels_portable.cpp")]
+    files = [str(src / "test_kernels.cpp"), str(src / "kernels_portable.cpp"), str(src / "packed.cpp")]
     if arch == "native":
         x86 = platform.machine() in ("x86_64", "AMD64")
         cmd = ["g++", "-O2", "-std=c++17", *files, str(src / ("kernels_avx2.cpp" if x86 else "kernels_neon.cpp"))]

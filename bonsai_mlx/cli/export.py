@@ -27,7 +27,7 @@ def fuse(model, adapter, out, dequantize, force):
     p = Path(out)
     if p.exists() and any(p.iterdir()) and not force:
         raise BonsaiError(f"--out {out} exists and is not empty; pass --force to replace it")
-    m, _ = load(model, adapter=adapter)
+    m, _ = load(model, adapter=adapter, pack=False)  # export reads the weights back: MLX layout
     fuse_lora(m, dequantize=dequantize)
     save_model(m, out, extra_files_from=resolve(model))
     click.echo(f"wrote fused student to {out}")

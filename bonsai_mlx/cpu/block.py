@@ -43,7 +43,12 @@ def _fused_inputs(block, x: mx.array, caches: list):
     gs, bits = lins[0].group_size, lins[0].bits
     if any((m.group_size, m.bits, getattr(m, "mode", "affine")) != (gs, bits, "affine") for m in lins):
         return None
-    head_dim = lins[0]["scales"].shape[0] // a.n_heads
+    packed = ["packed_weight" in m for m in lins]
+    if any(packed) and not all(packed):
+        return None
+    keys = ("packed_weight", "packed_scales", "packed_biases") if packed[0] else ("weight", "scales", "biases")
+    packed_n = [m.packed_n for m in lins] if packed[0] else []
+    head_dim = (packed_n[0] if packed_n else lins[0]["scales"].shape[0]) // a.n_heads
     if rope.dims != head_dim or not qmm.supports(x, gs, bits):
         return None
     ext = qmm.extension()
@@ -52,14 +57,14 @@ def _fused_inputs(block, x: mx.array, caches: list):
         inputs += [c.keys, c.values]
     bias_mask, biases = 0, []
     for i, m in enumerate(lins):
-        inputs += [m["weight"], m["scales"], m["biases"]]
+        inputs += [m[k] for k in keys]
         if "bias" in m:
             bias_mask |= 1 << i
             biases.append(m["bias"])
     params = dict(eps=n1.eps, n_heads=a.n_heads, n_kv_heads=a.n_kv_heads, head_dim=head_dim,
                   rope_traditional=rope.traditional, rope_base=rope.base, rope_scale=rope.scale,
                   offsets=[c.offset for c in caches],
-                  attn_scale=a.scale, group_size=gs, bits=bits, bias_mask=bias_mask)
+                  attn_scale=a.scale, group_size=gs, bits=bits, bias_mask=bias_mask, packed_n=packed_n)
     return ext, inputs + biases, params
 
 

@@ -11,7 +11,10 @@ Called once where a model is loaded (`io.load_model`, after any quantization). O
      `nn.RMSNorm` → `fused.CPURMSNorm` (one op per decode-step norm; the attention's decode step, above, uses
      fused.py's rotations and attention too);
    - the vision tower's `Attention` / `MLP` → `layers.CPUVisionAttention` / `layers.CPUVisionMLP`;
-3. keeps 1 GB of freed MLX buffers for reuse (the default 32 MB made each prefill page-fault its activations in
+3. moves the LM's weights into 2 MB pages (pages.py; BONSAI_HUGEPAGES=off skips it) and, with `pack` (inference:
+   `io.load`), repacks 4-bit ones into the 16-row tiles of the AVX-512 VNNI kernel (csrc/packed.h; BONSAI_PACK=off
+   keeps MLX's layout);
+4. keeps 1 GB of freed MLX buffers for reuse (the default 32 MB made each prefill page-fault its activations in
    again: `python bench/cpu_prefill.py`, minor faults per prefill 12,698 → 10, median 1.62 → 1.39 s).
 Each stand-in still decides per call (float32, on the CPU, rows) and otherwise runs its original class's code; none
 changes results beyond float tolerance (tests/test_cpu.py). On a GPU, or with BONSAI_CPU_POLICY=off (read here, once
@@ -34,6 +37,7 @@ from .decode import CPULinear, CPUTiedHead
 from .device import on_cpu
 from .fused import CPURMSNorm
 from .layers import CPUAttention, CPUSwiGLUMLP, CPUVisionAttention, CPUVisionMLP
+from .pages import place_weights
 from .quantized import CPUQuantizedEmbedding, CPUQuantizedLinear
 
 POLICY_ENV = "BONSAI_CPU_POLICY"
@@ -64,13 +68,19 @@ class Acceleration:
     reason: str
     upcast: bool = False
     cache_limit: Optional[int] = None
+    paged_bytes: int = 0
+    huge_pages: bool = False
+    packed: int = 0
     swapped: Dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> str:
         if not self.enabled:
             return f"CPU fast paths off ({self.reason})"
         parts = [f"{n} × {k}" for k, n in sorted(self.swapped.items())]
-        return "CPU fast paths: " + ", ".join(parts + (["half → float32"] if self.upcast else []))
+        parts += ["half → float32"] if self.upcast else []
+        parts += [f"{self.packed} × 4-bit → 16-row tiles"] if self.packed else []
+        parts += [f"LM weights in 2 MB pages ({self.paged_bytes / 1e6:.0f} MB)"] if self.huge_pages else []
+        return "CPU fast paths: " + ", ".join(parts)
 
 
 @lru_cache(maxsize=None)
@@ -86,10 +96,11 @@ def _swap(m: nn.Module, stand_in: type, report: Acceleration) -> None:
     report.swapped[key] = report.swapped.get(key, 0) + 1
 
 
-def accelerate(model: nn.Module, upcast: bool = True, enabled: Optional[bool] = None) -> Acceleration:
+def accelerate(model: nn.Module, upcast: bool = True, enabled: Optional[bool] = None, pack: bool = False) -> Acceleration:
     """Apply every CPU fast path to a `LlavaModel` (see the module docstring); returns what changed.
 
     upcast: cast half-precision weights to float32 (off when the caller asked for a dtype, e.g. bf16 training).
+    pack: repack 4-bit LM weights into tiles (inference only: the weights no longer have MLX's layout).
     enabled: override BONSAI_CPU_POLICY. Idempotent: layers already swapped are left alone."""
     from ..vision import MLP as VisionMLP
     from ..vision import Attention as VisionAttention
@@ -119,6 +130,8 @@ def accelerate(model: nn.Module, upcast: bool = True, enabled: Optional[bool] = 
             _swap(m, CPUVisionAttention, report)
         elif type(m) is VisionMLP:
             _swap(m, CPUVisionMLP, report)
+    placed = place_weights(lm, pack=pack)
+    report.paged_bytes, report.huge_pages, report.packed = placed["bytes"], placed["huge_pages"], placed["packed"]
     prev = mx.set_cache_limit(CPU_CACHE_LIMIT)
     if prev > CPU_CACHE_LIMIT:  # never lower a limit the user set higher
         mx.set_cache_limit(prev)

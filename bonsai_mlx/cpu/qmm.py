@@ -82,11 +82,12 @@ DECODE_ROWS = 17
 
 
 def quantized_matmul(x, w, scales, biases, group_size: int, bits: int, transpose: bool = True, bias=None,
-                     decode: bool = False):
+                     decode: bool = False, packed_n: int = 0):
     """x @ dequantize(w).T (+ bias, the layer's own [N]) in float32, by the compiled kernel; callers check
-    `supports` first. decode: the rows are one token of each of a batch of sequences (see DECODE_ROWS)."""
+    `supports` first. decode: the rows are one token of each of a batch of sequences (see DECODE_ROWS).
+    packed_n: w, scales, biases are csrc/packed.h's tiles of a weight with this many output rows (pages.py)."""
     return _load()[0].quantized_matmul(x, w, scales, biases, transpose, group_size, bits, bias=bias,
-                                       row_kernel_rows=DECODE_ROWS if decode else 0)
+                                       row_kernel_rows=DECODE_ROWS if decode else 0, packed_n=packed_n)
 
 
 def supports(x, group_size: int, bits: int, mode: Optional[str] = "affine") -> bool:

@@ -53,9 +53,35 @@ def dequantized_matmul(x, wq, scales, biases, group_size: int, bits: int) -> mx.
     return y
 
 
+def packed_product(layer, x: mx.array, bias=None) -> mx.array:
+    """x @ W.T (+ bias) of a layer packed into tiles (pages.py): always the compiled kernel, in float32."""
+    y = qmm.quantized_matmul(x.astype(mx.float32), layer["packed_weight"], layer["packed_scales"],
+                             layer["packed_biases"], layer.group_size, 4, bias=bias, decode=decoding_active(),
+                             packed_n=layer.packed_n)
+    return y.astype(x.dtype)
+
+
+def packed_rows(layer, ids: mx.array) -> mx.array:
+    """Rows `ids` of a packed embedding, dequantized [..., K] (what QuantizedEmbedding.__call__ gives): each id's tile
+    gathered, its lane picked (csrc/packed.h's layout in MLX ops: a prompt's rows are few)."""
+    pw, ps, pb = layer["packed_weight"], layer["packed_scales"], layer["packed_biases"]
+    flat = ids.reshape(-1)
+    tile, lane = flat // 16, (flat % 16).astype(mx.int32)
+    K = pw.shape[1] // 8
+    b = pw[tile].reshape(-1, K // 8, 16, 4)  # [L, chunks, rows, 4 bytes]
+    b = mx.take_along_axis(b, lane.reshape(-1, 1, 1, 1), axis=2).squeeze(2)  # [L, chunks, 4]
+    q = mx.concatenate([b & 0xF, b >> 4], axis=-1).astype(mx.float32)  # [L, chunks, 8]: values 8c .. 8c+7
+    q = q.reshape(flat.shape[0], K // layer.group_size, layer.group_size)
+    s = mx.take_along_axis(ps[tile], lane.reshape(-1, 1, 1), axis=2)  # [L, G, 1]
+    o = mx.take_along_axis(pb[tile], lane.reshape(-1, 1, 1), axis=2)
+    return (q * s + o).reshape(*ids.shape, K)
+
+
 def cpu_product(layer, x: mx.array, bias=None):
     """x @ W.T (+ bias) of a quantized layer on the CPU's fastest path, or None where MLX's own kernel is the one to
     run. The compiled kernel adds the bias in the same op (a decode step has 72 of them: q/k/v in every layer)."""
+    if "packed_weight" in layer:
+        return packed_product(layer, x, bias)
     mode = getattr(layer, "mode", "affine")
     if qmm.supports(x, layer.group_size, layer.bits, mode):
         return qmm.quantized_matmul(x, layer["weight"], layer["scales"], layer["biases"], layer.group_size,
@@ -66,18 +92,33 @@ def cpu_product(layer, x: mx.array, bias=None):
     return y if bias is None else y + bias
 
 
+def _packed_repr(layer) -> str:
+    n, k = layer.packed_n, layer["packed_weight"].shape[1] // 8
+    return f"{k}, {n}, group_size={layer.group_size}, bits=4, packed in 16-row tiles"
+
+
 class CPUQuantizedLinear(nn.QuantizedLinear):
-    """A QuantizedLinear whose products take `cpu_product` on the CPU."""
+    """A QuantizedLinear whose products take `cpu_product` on the CPU (also when packed into tiles)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         y = cpu_product(self, x, self["bias"] if "bias" in self else None)
         return super().__call__(x) if y is None else y
 
+    def _extra_repr(self) -> str:
+        return _packed_repr(self) if "packed_weight" in self else super()._extra_repr()
+
 
 class CPUQuantizedEmbedding(nn.QuantizedEmbedding):
-    """The tied LM head (`as_linear`) of a quantized embedding, with the same CPU products."""
+    """The tied LM head (`as_linear`) of a quantized embedding, with the same CPU products; a packed one also looks
+    its rows up from the tiles."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return packed_rows(self, x) if "packed_weight" in self else super().__call__(x)
 
     def as_linear(self, x: mx.array) -> mx.array:
         y = cpu_product(self, x)
         return super().as_linear(x) if y is None else y
+
+    def _extra_repr(self) -> str:
+        return _packed_repr(self) if "packed_weight" in self else super()._extra_repr()
 

@@ -298,7 +298,7 @@ def export_gguf(model_path: str, out: Union[str, Path], adapter: Optional[str] =
     config = ModelConfig.from_dict(load_config(src))  # refused before any weight is read
     image_processor = ImageProcessor.from_pretrained(src, default_size=config.vision_config.image_size)
     feature_layer = check_exportable(config, tokenizer_json, image_processor, warn=log)
-    model, _ = load(src, adapter=adapter)
+    model, _ = load(src, adapter=adapter, pack=False)  # export reads the weights back: MLX layout
     tokenizer = AutoTokenizer.from_pretrained(str(src))
     fuse_lora(model, dequantize=True)
     weights = {k: np.asarray(v.astype(_f32()), np.float32) for k, v in model.hf_weights().items()}

@@ -90,7 +90,7 @@ def export(model_path: str, out: Union[str, Path], adapter: Optional[str] = None
         raise BonsaiError("--peft needs --adapter (the checkpoint whose LoRA to write)")
     max_shard = parse_size(shard_size)
     src = resolve(model_path)
-    model, _ = load(src, adapter=adapter)
+    model, _ = load(src, adapter=adapter, pack=False)  # export reads the weights back: MLX layout
     peft_files = None
     if peft:
         lora_cfg = json.loads((Path(adapter) / "adapter_config.json").read_text())
