@@ -96,14 +96,30 @@ void DecodeBlock::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
           for (int n = 0; n < N; ++n) y[static_cast<int64_t>(b) * N + n] += bias[i][n];
       return N;
     };
+    // linears of one input: packed ones quantize it once and share one parallel_for (packed_products)
+    auto linears = [&](std::vector<int> ids, const float* xin, int K, std::vector<float*> ys) {
+      if (!packed) {
+        for (size_t j = 0; j < ids.size(); ++j) linear(ids[j], xin, K, ys[j]);
+        return;
+      }
+      std::vector<PackedLinear> ls;
+      for (size_t j = 0; j < ids.size(); ++j) {
+        const int i = ids[j];
+        ls.push_back({reinterpret_cast<const uint8_t*>(u(kFixed + 3 * i)), f(kFixed + 3 * i + 1),
+                      f(kFixed + 3 * i + 2), rows_of(i), ys[j]});
+      }
+      packed_products(xin, B, K, p.group_size, ls, kRowKernelRows);
+      for (size_t j = 0; j < ids.size(); ++j)
+        if (bias[ids[j]])
+          for (int b = 0; b < B; ++b)
+            for (int n = 0; n < rows_of(ids[j]); ++n) ys[j][static_cast<int64_t>(b) * rows_of(ids[j]) + n] += bias[ids[j]][n];
+    };
     const float* x = f(0);
     const int64_t HD = static_cast<int64_t>(H) * Dh, KD = static_cast<int64_t>(Hk) * Dh;
     std::vector<float> n1(static_cast<size_t>(B) * D), q(B * HD), kn(B * KD), vn(B * KD), att(B * HD),
         o(static_cast<size_t>(B) * D), h(static_cast<size_t>(B) * D);
     for (int b = 0; b < B; ++b) rms_row(x + static_cast<int64_t>(b) * D, f(1), p.eps, D, n1.data() + b * D);
-    linear(0, n1.data(), D, q.data());
-    linear(1, n1.data(), D, kn.data());
-    linear(2, n1.data(), D, vn.data());
+    linears({0, 1, 2}, n1.data(), D, {q.data(), kn.data(), vn.data()});
     // RoPE per row at its own position; then attention of each (row, query head) over that row's own S cached
     // positions and the new one (GQA: query head hh reads KV head hh / (H / Hk)), on the pool: B·H independent
     // tasks. The cache is read in place through its strides (a KVCache's rows are contiguous; else a copy).
@@ -148,8 +164,7 @@ void DecodeBlock::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
     for (int b = 0; b < B; ++b) rms_row(h.data() + b * D, f(2), p.eps, D, n1.data() + b * D);
     const int F = rows_of(4);
     std::vector<float> gt(static_cast<size_t>(B) * F), up(static_cast<size_t>(B) * F), dn(static_cast<size_t>(B) * D);
-    linear(4, n1.data(), D, gt.data());
-    linear(5, n1.data(), D, up.data());
+    linears({4, 5}, n1.data(), D, {gt.data(), up.data()});
     auto swiglu = [&](int i0, int i1) {
       for (int i = i0; i < i1; ++i) gt[i] = gt[i] / (1.0f + std::exp(-gt[i])) * up[i];
     };

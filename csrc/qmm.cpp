@@ -377,6 +377,37 @@ void product_rows(const float* xp, const uint32_t* wp, const float* sp, const fl
   }
 }
 
+void packed_products(const float* xp, int M, int K, int gs, const std::vector<PackedLinear>& ls, int row_kernel_rows) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (packed_kernel() && M < (row_kernel_rows > 0 ? row_kernel_rows : many_rows())) {
+    const int G = K / gs;
+    std::vector<float> xd(static_cast<size_t>(M) * (K / 32)), xdsum(static_cast<size_t>(M) * G);
+    std::vector<int8_t> xq(static_cast<size_t>(M) * K), xqp(static_cast<size_t>(M) * K);
+    quantize_activations(xp, M, K, gs, 4, xq.data(), xqp.data(), xd.data(), xdsum.data());
+    std::vector<QmmArgs> args;
+    std::vector<int> first = {0};  // linear i's tiles are [first[i], first[i + 1]) of one index
+    for (const auto& l : ls) {
+      QmmArgs a{xp, xp, nullptr, reinterpret_cast<const uint32_t*>(l.w), l.scales, l.biases, l.y, M, l.N, K, gs, 4};
+      a.xq = xq.data();
+      a.xd = xd.data();
+      a.xdsum = xdsum.data();
+      args.push_back(a);
+      first.push_back(first.back() + packed_tiles(l.N));
+    }
+    pool().parallel_for(first.back(), [&](int t0, int t1) {
+      for (size_t i = 0; i < args.size(); ++i) {
+        const int a = std::max(t0, first[i]), b = std::min(t1, first[i + 1]);
+        if (a < b) rows_q8_packed_avx512(args[i], a - first[i], b - first[i]);
+      }
+    }, true, 1);
+    return;
+  }
+#endif
+  for (const auto& l : ls)
+    product_rows(xp, reinterpret_cast<const uint32_t*>(l.w), l.scales, l.biases, l.y, M, l.N, K, gs, 4, true,
+                 row_kernel_rows, true);
+}
+
 void QuantizedMatmul::eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) {
   throw std::runtime_error("[bonsai.quantized_matmul] CPU only: on a GPU use mx.quantized_matmul");
 }

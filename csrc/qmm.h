@@ -66,6 +66,19 @@ class QuantizedMatmul : public mx::Primitive {
 void product_rows(const float* x, const uint32_t* w, const float* scales, const float* biases, float* y, int M, int N,
                   int K, int group_size, int bits, bool transpose, int row_kernel_rows = 0, bool packed = false);
 
+// Several packed 4-bit linears of one input (q/k/v, gate/up of a decode step): y_i [M, N_i] = x [M, K] @ W_i^T.
+// Where the tile kernel applies (packed_kernel(), M below row_kernel_rows), x is quantized once and all their tiles
+// are one parallel_for; else each is product_rows.
+struct PackedLinear {
+  const uint8_t* w;
+  const float* scales;
+  const float* biases;
+  int N;
+  float* y;
+};
+void packed_products(const float* x, int M, int K, int group_size, const std::vector<PackedLinear>& linears,
+                     int row_kernel_rows);
+
 // f over [0, n) in chunks on the calling thread and the kernel's pool (threadpool.h)
 void parallel_for(int n, const std::function<void(int, int)>& f, int align = 4);
 
