@@ -47,7 +47,9 @@ void rows_q8_portable(const QmmArgs& a, int n0, int n1);
 void rows_avx2(const QmmArgs& a, int n0, int n1);  // compiled for AVX2+FMA, called only where the CPU has them
 void rows_q8_avx2(const QmmArgs& a, int n0, int n1);
 void rows_q8_avx512(const QmmArgs& a, int n0, int n1);  // AVX-512 F/BW/VL/VNNI: 4-bit only
-// the same on packed.h's tiles (a.w, a.scales, a.biases packed; a.N the real rows): tiles [t0, t1)
+// the same on packed.h's tiles (a.w, a.scales, a.biases packed; a.N the real rows): tiles [t0, t1), any number of rows
+// (a prompt too: each tile is read once for all rows) — so with packed weights the int8 bound above holds at every
+// row count
 void rows_q8_packed_avx512(const QmmArgs& a, int t0, int t1);
 void dequantize_packed_t_avx512(const uint8_t* pw, const float* ps, const float* pb, int K, int group_size, int n0,
                                 int n1, int N, float* out, int64_t ld);

@@ -177,14 +177,16 @@ static void packed_tile(const QmmArgs& a, int t, int m0) {
   for (int r = 0; r < MB; ++r) _mm512_mask_storeu_ps(a.y + static_cast<int64_t>(m0 + r) * a.N + kTileRows * t, keep, acc[r]);
 }
 
+// Tiles outer, rows inner: a tile (7 KB at K = 896) is read from memory once and stays in L1 for every row, so many
+// rows (a prompt) reuse it like a GEMM's packed panel; 8 rows per pass where there are that many (24 accumulators).
 void rows_q8_packed_avx512(const QmmArgs& a, int t0, int t1) {
-  int m = 0;
-  for (; m + 4 <= a.M; m += 4)
-    for (int t = t0; t < t1; ++t) packed_tile<4>(a, t, m);
-  for (; m + 2 <= a.M; m += 2)
-    for (int t = t0; t < t1; ++t) packed_tile<2>(a, t, m);
-  for (; m < a.M; ++m)
-    for (int t = t0; t < t1; ++t) packed_tile<1>(a, t, m);
+  for (int t = t0; t < t1; ++t) {
+    int m = 0;
+    for (; m + 8 <= a.M; m += 8) packed_tile<8>(a, t, m);
+    for (; m + 4 <= a.M; m += 4) packed_tile<4>(a, t, m);
+    for (; m + 2 <= a.M; m += 2) packed_tile<2>(a, t, m);
+    for (; m < a.M; ++m) packed_tile<1>(a, t, m);
+  }
 }
 
 // dequantize_packed_t (packed.h) for tiles: each 64-byte chunk gives, for each of its 8 k, the 16 rows' values as one

@@ -276,8 +276,9 @@ void product_rows(const float* xp, const uint32_t* wp, const float* sp, const fl
   {
     const int G = K / gs;
 #if defined(__x86_64__) || defined(_M_X64)
-    if (packed && transpose && M < (row_kernel_rows > 0 ? row_kernel_rows : many_rows()) && packed_kernel()) {
-      // packed tiles: the int8 activations in natural order, then the tile kernel over slices of tiles
+    if (packed && transpose && packed_kernel()) {
+      // packed tiles, any number of rows (decode, a batch, a prompt): the int8 activations in natural order, then the
+      // tile kernel over slices of tiles (each tile read once for all rows: `python bench/cpu_qmm.py --rows 288`)
       std::vector<float> xd(static_cast<size_t>(M) * (K / 32)), xdsum(static_cast<size_t>(M) * G);
       std::vector<int8_t> xq(static_cast<size_t>(M) * K), xqp(static_cast<size_t>(M) * K);
       quantize_activations(xp, M, K, gs, bits, xq.data(), xqp.data(), xd.data(), xdsum.data());
@@ -341,26 +342,28 @@ void product_rows(const float* xp, const uint32_t* wp, const float* sp, const fl
     // many rows (or x @ W; or packed tiles without their kernel): dequantize a tile of weight rows at a time and
     // multiply it with the BLAS
     const int tile = static_cast<int>(std::max<int64_t>(16, std::min<int64_t>(N, kTileElems / K)) / 16 * 16);
-    std::vector<float> buf(static_cast<size_t>(tile) * K);
     if (packed) {  // the tiles dequantize transposed: buf [K, nt] (dequantize_packed_t)
+      // 64-byte aligned, so that each tile row's 16 values are one cache line, not two
+      std::vector<float> raw(static_cast<size_t>(tile) * K + 16);
+      float* bufp = raw.data() + (16 - (reinterpret_cast<uintptr_t>(raw.data()) / 4) % 16) % 16;
       const auto* pw = reinterpret_cast<const uint8_t*>(wp);
       for (int n0 = 0; n0 < N; n0 += tile) {
         const int nt = std::min(tile, N - n0);
         pool().parallel_for(nt, [&](int a, int b) {
 #if defined(__x86_64__) || defined(_M_X64)
           if (packed_kernel())
-            return dequantize_packed_t_avx512(pw, sp, bp, K, gs, n0 + a, n0 + b, N, buf.data() + a, nt);
+            return dequantize_packed_t_avx512(pw, sp, bp, K, gs, n0 + a, n0 + b, N, bufp + a, nt);
 #endif
-          dequantize_packed_t(pw, sp, bp, K, gs, n0 + a, n0 + b, buf.data() + a, nt);
+          dequantize_packed_t(pw, sp, bp, K, gs, n0 + a, n0 + b, bufp + a, nt);
         }, /*spin=*/false, kTileRows);
         if (transpose)  // y[:, n0:n0+nt] = x [M, K] @ buf [K, nt]
-          cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, M, nt, K, 1.0f, xp, K, buf.data(), nt, 0.0f, yp + n0, N);
+          cblas_sgemm(kRowMajor, kNoTrans, kNoTrans, M, nt, K, 1.0f, xp, K, bufp, nt, 0.0f, yp + n0, N);
         else  // y [M, K] += x[:, n0:n0+nt] @ buf^T
-          cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, K, nt, 1.0f, xp + n0, N, buf.data(), nt, n0 ? 1.0f : 0.0f, yp,
-                      K);
+          cblas_sgemm(kRowMajor, kNoTrans, kTrans, M, K, nt, 1.0f, xp + n0, N, bufp, nt, n0 ? 1.0f : 0.0f, yp, K);
       }
       return;
     }
+    std::vector<float> buf(static_cast<size_t>(tile) * K);
     DequantKernel dequant = dequant_kernel();
     for (int n0 = 0; n0 < N; n0 += tile) {
       const int nt = std::min(tile, N - n0);
@@ -379,7 +382,8 @@ void product_rows(const float* xp, const uint32_t* wp, const float* sp, const fl
 
 void packed_products(const float* xp, int M, int K, int gs, const std::vector<PackedLinear>& ls, int row_kernel_rows) {
 #if defined(__x86_64__) || defined(_M_X64)
-  if (packed_kernel() && M < (row_kernel_rows > 0 ? row_kernel_rows : many_rows())) {
+  (void)row_kernel_rows;
+  if (packed_kernel()) {
     const int G = K / gs;
     std::vector<float> xd(static_cast<size_t>(M) * (K / 32)), xdsum(static_cast<size_t>(M) * G);
     std::vector<int8_t> xq(static_cast<size_t>(M) * K), xqp(static_cast<size_t>(M) * K);

@@ -56,6 +56,8 @@ def status() -> str:
         return f"MLX's own (bonsai kernel {why})"
     acts = (f"4-bit: int8 activations below {mod.int8_rows()} rows" if mod.activations() == "int8"
             else "float activations")
+    if mod.packed_kernel():
+        acts += "; 4-bit packed tiles: int8 activations at every row count"
     return f"bonsai {mod.kernel_isa()} kernel ({acts}), {mod.num_threads()} threads"
 
 
