@@ -40,7 +40,7 @@ def main():
     model, _ = real_size_student(mx.float32)
     lm = model.language_model
     nn.quantize(lm, group_size=64, bits=4)
-    accelerate(model)
+    accelerate(model, pack=True)  # as the server's `load` does
     print(f"real-size random student, 4-bit, {args.context}-token caches; kernel: {qmm.status()}", flush=True)
     sizes = (1, 2, 4, 8)
     caches = {}
@@ -70,10 +70,16 @@ def main():
     xs = {B: {k: mx.random.normal((B, k)) for k in (896, 4864)} for B in sizes}
     mx.eval(xs)
 
+    def product(m, B):
+        if "packed_weight" in m:  # 16-row tiles (csrc/packed.h)
+            k = m["packed_weight"].shape[1] // 8
+            return qmm.quantized_matmul(xs[B][k], m["packed_weight"], m["packed_scales"], m["packed_biases"],
+                                        m.group_size, 4, decode=True, packed_n=m.packed_n)
+        return qmm.quantized_matmul(xs[B][m.weight.shape[1] * 32 // m.bits], m["weight"], m["scales"], m["biases"],
+                                    m.group_size, m.bits, decode=True)
+
     def products(B):
-        outs = [qmm.quantized_matmul(xs[B][m.weight.shape[1] * 32 // m.bits], m["weight"], m["scales"], m["biases"],
-                                     m.group_size, m.bits, decode=True) for m in lins]
-        mx.eval(outs)
+        mx.eval([product(m, B) for m in lins])
 
     steps = {B: [] for B in sizes}
     prods = {B: [] for B in sizes}

@@ -145,11 +145,12 @@ void DecodeBlock::eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx:
       }
     }
     const int g = H / Hk;
+    const AttendRow attend_row_k = attend_kernel(Dh) ? attend_kernel(Dh) : attend_row;
     auto attend = [&](int t0, int t1) {
       std::vector<float> scratch;
       for (int t = t0; t < t1; ++t) {
         const int b = t / H, hh = t % H, kh = hh / g;
-        attend_row(q.data() + b * HD + static_cast<int64_t>(hh) * Dh, Dh, kbase[b] + kh * kst[b][1], kst[b][2],
+        attend_row_k(q.data() + b * HD + static_cast<int64_t>(hh) * Dh, Dh, kbase[b] + kh * kst[b][1], kst[b][2],
                    vbase[b] + kh * vst[b][1], vst[b][2], p.offsets[b], kv_out[2 * b] + static_cast<int64_t>(kh) * Dh,
                    kv_out[2 * b + 1] + static_cast<int64_t>(kh) * Dh, p.attn_scale,
                    att.data() + b * HD + static_cast<int64_t>(hh) * Dh, scratch);

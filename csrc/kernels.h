@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 namespace bonsai {
 
@@ -51,6 +52,9 @@ void rows_q8_avx512(const QmmArgs& a, int n0, int n1);  // AVX-512 F/BW/VL/VNNI:
 // (a prompt too: each tile is read once for all rows) — so with packed weights the int8 bound above holds at every
 // row count
 void rows_q8_packed_avx512(const QmmArgs& a, int t0, int t1);
+// decode_math.h's attend_row with AVX-512 (head_dim a multiple of 16, at most 128)
+void attend_row_avx512(const float* q, int Dh, const float* k, int64_t k_step, const float* v, int64_t v_step, int S,
+                       const float* k_new, const float* v_new, float scale, float* out, std::vector<float>& p);
 void dequantize_packed_t_avx512(const uint8_t* pw, const float* ps, const float* pb, int K, int group_size, int n0,
                                 int n1, int N, float* out, int64_t ld);
 #endif

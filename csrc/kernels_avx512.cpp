@@ -8,6 +8,8 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 #include <cstring>
 
 #include "kernels.h"
@@ -215,6 +217,56 @@ void dequantize_packed_t_avx512(const uint8_t* pw, const float* ps, const float*
       }
     }
   }
+}
+
+// e^x for x <= 0 (softmax after subtracting the maximum): 2^(x log2 e) as 2^n · 2^f, |f| <= 1/2, 2^f by its
+// degree-6 Taylor polynomial (relative error < 2e-7), 2^n by vscalefps; below -87 it flushes to 0 as expf does.
+static inline __m512 exp_neg(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(1.44269504f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 y = _mm512_set1_ps(1.5403530e-4f);
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.3333558e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(9.6181291e-3f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(5.5504109e-2f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(2.4022651e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(6.9314718e-1f));
+  y = _mm512_fmadd_ps(y, f, _mm512_set1_ps(1.0f));
+  return _mm512_scalef_ps(y, n);
+}
+
+// decode_math.h's attend_row with 16-wide FMAs and a vectorized exp, for head_dim a multiple of 16 (64, 128)
+void attend_row_avx512(const float* q, int Dh, const float* k, int64_t k_step, const float* v, int64_t v_step, int S,
+                       const float* k_new, const float* v_new, float scale, float* out, std::vector<float>& p) {
+  const int T = S + (k_new ? 1 : 0), C = Dh / 16;
+  p.resize(static_cast<size_t>(T) + 16);
+  __m512 qv[8];  // Dh <= 128
+  for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
+  float mx = -INFINITY;
+  for (int j = 0; j < T; ++j) {
+    const float* kr = j < S ? k + j * k_step : k_new;
+    __m512 acc = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kr));
+    for (int c = 1; c < C; ++c) acc = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kr + 16 * c), acc);
+    p[j] = _mm512_reduce_add_ps(acc) * scale;
+    mx = std::max(mx, p[j]);
+  }
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (int j = 0; j < T; j += 16) {
+    const __mmask16 keep = static_cast<__mmask16>(T - j >= 16 ? 0xFFFFu : (1u << (T - j)) - 1u);
+    const __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(keep, p.data() + j), m));
+    _mm512_mask_storeu_ps(p.data() + j, keep, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(keep, e));
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+  __m512 o[8];
+  for (int c = 0; c < C; ++c) o[c] = _mm512_setzero_ps();
+  for (int j = 0; j < T; ++j) {
+    const float* vr = j < S ? v + j * v_step : v_new;
+    const __m512 pj = _mm512_set1_ps(p[j]);
+    for (int c = 0; c < C; ++c) o[c] = _mm512_fmadd_ps(pj, _mm512_loadu_ps(vr + 16 * c), o[c]);
+  }
+  for (int c = 0; c < C; ++c) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(o[c], _mm512_set1_ps(inv)));
 }
 
 }  // namespace bonsai

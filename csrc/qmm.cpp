@@ -169,6 +169,13 @@ DequantKernel dequant_kernel() {
   return dequantize_rows;
 }
 
+AttendRow attend_kernel(int Dh) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if (avx512_vnni() && Dh % 16 == 0 && Dh <= 128) return attend_row_avx512;
+#endif
+  return nullptr;
+}
+
 bool packed_kernel() {
 #if defined(__x86_64__) || defined(_M_X64)
   return q8_kernel() == rows_q8_avx512;

@@ -79,6 +79,13 @@ struct PackedLinear {
 void packed_products(const float* x, int M, int K, int group_size, const std::vector<PackedLinear>& linears,
                      int row_kernel_rows);
 
+// softmax(scale q·Kᵀ)·V for one query row (decode_math.h's attend_row): the vectorized version for this CPU and
+// head_dim Dh (AVX-512), or nullptr where decode_math.h's own is the one to use
+using AttendRow = void (*)(const float* q, int Dh, const float* k, int64_t k_step, const float* v, int64_t v_step,
+                           int S, const float* k_new, const float* v_new, float scale, float* out,
+                           std::vector<float>& p);
+AttendRow attend_kernel(int Dh);
+
 // f over [0, n) in chunks on the calling thread and the kernel's pool (threadpool.h)
 void parallel_for(int n, const std::function<void(int, int)>& f, int align = 4);
 
