@@ -31,9 +31,10 @@ QWEN25_05B = {
 }
 
 
-def real_size_student(dtype=mx.float32, quantize=None, seed=0):
+def real_size_student(dtype=mx.float32, quantize=None, seed=0, pack=True):
     """(model, directory with tokenizer/processor files). Weights are random; the tokenizer is a tiny trained one
-    (ids beyond it decode as "!" in mlx-lm's detokenizer, which is fine for timing)."""
+    (ids beyond it decode as "!" in mlx-lm's detokenizer, which is fine for timing). pack: 4-bit weights in the CPU's
+    packed tiles, as `io.load` (inference) holds them; training benches pass False (`load_model` does not pack)."""
     tok = train_tokenizer()
     cfg = {
         "model_type": "llava", "vision_config": SIGLIP_B16_224, "text_config": QWEN25_05B,
@@ -45,7 +46,7 @@ def real_size_student(dtype=mx.float32, quantize=None, seed=0):
     model.set_dtype(dtype)
     if quantize:
         quantize_language_model(model, bits=quantize)
-    accelerate(model, upcast=False, pack=True)  # as `io.load` does (the dtype is the caller's)
+    accelerate(model, upcast=False, pack=pack)  # as `io.load` / `load_model` do (the dtype is the caller's)
     mx.eval(model.parameters())
     model.eval()
     d = Path(tempfile.mkdtemp(prefix="bonsai-bench-"))

@@ -37,7 +37,7 @@ def whole_dequantized_matmul(x, wq, scales, biases, group_size, bits):
 def worker(tokens: int, setting: str) -> dict:
     if setting == "whole":
         quantized.dequantized_matmul = whole_dequantized_matmul
-    model, _ = real_size_student(mx.float32, quantize=4)
+    model, _ = real_size_student(mx.float32, quantize=4, pack=False)  # MLX's layout: the slices path
     emb = mx.random.normal((tokens, 896)) * 0.02
     mx.eval(emb)
 

@@ -30,7 +30,7 @@ from bonsai_mlx.train.step import build_step, make_trainable  # noqa: E402
 
 
 def measure(quantize: str, steps: int, seq_len: int):
-    model, _ = real_size_student(mx.float32, quantize=None if quantize == "none" else int(quantize))
+    model, _ = real_size_student(mx.float32, quantize=None if quantize == "none" else int(quantize), pack=False)
     cfg = TrainConfig(quantize=quantize, dtype="float32")
     make_trainable(model, cfg)
     model.train()
@@ -47,8 +47,8 @@ def measure(quantize: str, steps: int, seq_len: int):
     mx.reset_peak_memory()
     for i in range(steps + 1):
         t0 = time.perf_counter()
-        norms = mx.array([float(mask[:, 1:].sum()), 0.0, 0.0])
-        (loss, (ce_sum, _, _)), grads = step(ids, mask, pixels, None, norms)
+        norms = mx.array([float(mask[:, 1:].sum()), 0.0, 0.0, 0.0])  # answer tokens; no distillation terms
+        (loss, (ce_sum, *_)), grads = step(ids, mask, pixels, None, norms)
         opt.update(model, grads)
         mx.eval(model.parameters(), opt.state, loss)
         dt = time.perf_counter() - t0
