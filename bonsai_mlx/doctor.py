@@ -15,6 +15,7 @@ import mlx.core as mx
 
 from .cpu import blas as _blas
 from .cpu import qmm
+from .cpu.pages import thp_mode
 
 LM_PARAMS = 494_032_768  # Qwen2.5-0.5B, measured by `bonsai-mlx info`
 
@@ -45,8 +46,15 @@ def measure(size: int = 1024, bandwidth_mb: int = 512) -> dict:
         x1 = x[:1]
         ws = [mx.quantize(mx.random.normal((size, size)), group_size=64, bits=4) for _ in range(64)]
         mx.eval(x1, ws)
-        t1 = _best(lambda: mx.eval([qmm.quantized_matmul(x1, *w, 64, 4) for w in ws]))
-        out["q4_decode_gbs"] = sum(a.nbytes for w in ws for a in w) / t1 / 1e9
+        nbytes = sum(a.nbytes for w in ws for a in w)
+        ext = qmm.extension()
+        if ext.packed_kernel():  # as inference holds them (cpu/pages.py): 16-row tiles in 2 MB pages
+            arena = ext.PageArena(len(ws) * ext.PageArena.packed_bytes(size, size, 64))
+            ws = [arena.place_packed(*w, 64) for w in ws]
+            t1 = _best(lambda: mx.eval([qmm.quantized_matmul(x1, *w, 64, 4, packed_n=size) for w in ws]))
+        else:
+            t1 = _best(lambda: mx.eval([qmm.quantized_matmul(x1, *w, 64, 4) for w in ws]))
+        out["q4_decode_gbs"] = nbytes / t1 / 1e9
         del ws
         out["q4_kernel_gflops"] = 2 * 64 * size * size / _best(
             lambda: mx.eval(qmm.quantized_matmul(x, wq, scales, biases, 64, 4))) / 1e9
@@ -75,6 +83,7 @@ def report() -> dict:
         "platform": f"{platform.system()} {platform.machine()}, Python {sys.version.split()[0]}",
         "blas": _blas.status,
         "quantized_kernel": qmm.status(),
+        "transparent_huge_pages": thp_mode(),
         **m,
         "decode_ceiling_f32_tok_s": m["read_bandwidth_gbs"] * 1e9 / (LM_PARAMS * 4),
         # 4 bits per weight + a float32 scale and bias per group of 64 (the CPU keeps them in float32)

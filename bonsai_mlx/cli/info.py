@@ -47,6 +47,8 @@ def doctor(as_json):
     click.echo(f"MLX {r['mlx']} on {r['device']} ({r['platform']})")
     click.echo(f"BLAS: {r['blas']}")
     click.echo(f"quantized kernel: {r['quantized_kernel']}")
+    click.echo(f"transparent huge pages: {r['transparent_huge_pages']} (the LM's weights go to 2 MB pages where "
+               "this is madvise or always)")
     click.echo(f"f32 GEMM {r['gemm_f32_gflops']:.1f} GFLOP/s | 4-bit matmul {r['q4_matmul_gflops']:.1f} GFLOP/s | "
                f"memory read {r['read_bandwidth_gbs']:.1f} GB/s")
     click.echo(f"Qwen2.5-0.5B decode ceiling: {r['decode_ceiling_f32_tok_s']:.1f} tok/s at float32, "
