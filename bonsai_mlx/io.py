@@ -119,6 +119,11 @@ def save_weights(
 
 def write_model_files(model: LlavaModel, out_dir: Path) -> None:
     """config.json + safetensors (published llava-hf layout) into an existing directory."""
+    from mlx.utils import tree_flatten
+
+    if any(k.endswith("packed_weight") for k, _ in tree_flatten(model.parameters())):
+        raise BonsaiError("this model's 4-bit weights are packed for the CPU decode kernel (bonsai_mlx.load packs for "
+                          "inference); load it with load(..., pack=False) to save or export it")
     mx.eval(model.parameters())
     save_weights(model.hf_weights(), out_dir)
     (out_dir / "config.json").write_text(json.dumps(config_to_dict(model.config), indent=2) + "\n")

@@ -146,3 +146,18 @@ def test_a_packed_student_is_close_to_mlx(tmp_path, tokenizer):
         for step, (a, b, c) in enumerate(zip(got, mlx, full, strict=True)):
             moved, by_weights = np.abs(a - b).max(), np.abs(b - c).max()
             assert moved <= 0.25 * by_weights, (prompt, step, moved, by_weights)
+
+
+def test_a_packed_student_is_not_saved_as_a_checkpoint(tmp_path, tokenizer):
+    """Saving reads MLX's layout: a packed model is refused in one line and nothing is written."""
+    from bonsai_mlx.errors import BonsaiError
+    from bonsai_mlx.io import load, save_model
+
+    d, _ = build_llava(tmp_path / "m", tokenizer)
+    packed, _ = load(d, quantize=4)
+    with pytest.raises(BonsaiError, match="pack=False"):
+        save_model(packed, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    plain, _ = load(d, quantize=4, pack=False)
+    save_model(plain, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").exists()
