@@ -30,7 +30,9 @@ def run_eval(model: str, task: str, data: str, adapter: Optional[str] = None, im
         from .pope import read_pope
 
         questions = read_pope(data)
-    m, processor = load(model, quantize=quantize, adapter=adapter)
+    # the loss is the training loss, so on training's exact products (unpacked: packed tiles round a prompt's
+    # activations to int8); vqa and pope generate as `generate` does
+    m, processor = load(model, quantize=quantize, adapter=adapter, pack=task != "loss")
     if task == "loss":
         from .loss import eval_loss
 
