@@ -36,7 +36,7 @@ struct QmmArgs {
 
 // x [M, K] (K a multiple of 32) → xq, xqp, xd, xdsum of QmmArgs. xqp: 4-bit, per pair of blocks (2p, 2p+1) 64 bytes
 // [even elements of 2p, even of 2p+1, odd of 2p, odd of 2p+1] (matching the nibbles of one 32-byte load), a last
-// unpaired block as [even, odd]; 8-bit, natural order.
+// unpaired block as [even, odd]; 8-bit, natural order. xqp may be nullptr (not filled: the packed-tile kernel).
 void quantize_activations(const float* x, int M, int K, int group_size, int bits, int8_t* xq, int8_t* xqp, float* xd,
                           float* xdsum);
 

@@ -38,7 +38,7 @@ void quantize_activations(const float* x, int M, int K, int group_size, int bits
   for (int m = 0; m < M; ++m) {
     const float* xr = x + static_cast<int64_t>(m) * K;
     int8_t* q = xq + static_cast<int64_t>(m) * K;
-    int8_t* qp = xqp + static_cast<int64_t>(m) * K;
+    int8_t* qp = xqp ? xqp + static_cast<int64_t>(m) * K : nullptr;
     float* d = xd + static_cast<int64_t>(m) * nb;
     float* ds = xdsum + static_cast<int64_t>(m) * G;
     for (int g = 0; g < G; ++g) ds[g] = 0.0f;
@@ -58,6 +58,7 @@ void quantize_activations(const float* x, int M, int K, int group_size, int bits
       d[b] = db;
       ds[b / per_group] += db * static_cast<float>(sum);
     }
+    if (!xqp) continue;  // the packed-tile kernel reads xq only
     if (bits != 4) {
       for (int k = 0; k < K; ++k) qp[k] = q[k];
       continue;

@@ -183,8 +183,8 @@ void product_rows(const float* xp, const uint32_t* wp, const float* sp, const fl
       // packed tiles, any number of rows (decode, a batch, a prompt): the int8 activations in natural order, then the
       // tile kernel over slices of tiles (each tile read once for all rows: `python bench/cpu_qmm.py --rows 288`)
       std::vector<float> xd(static_cast<size_t>(M) * (K / 32)), xdsum(static_cast<size_t>(M) * G);
-      std::vector<int8_t> xq(static_cast<size_t>(M) * K), xqp(static_cast<size_t>(M) * K);
-      quantize_activations(xp, M, K, gs, bits, xq.data(), xqp.data(), xd.data(), xdsum.data());
+      std::vector<int8_t> xq(static_cast<size_t>(M) * K);
+      quantize_activations(xp, M, K, gs, bits, xq.data(), nullptr, xd.data(), xdsum.data());
       QmmArgs a{xp, xp, nullptr, wp, sp, bp, yp, M, N, K, gs, bits};
       a.xq = xq.data();
       a.xd = xd.data();
@@ -289,8 +289,8 @@ void packed_products(const float* xp, int M, int K, int gs, const std::vector<Pa
   if (packed_kernel()) {
     const int G = K / gs;
     std::vector<float> xd(static_cast<size_t>(M) * (K / 32)), xdsum(static_cast<size_t>(M) * G);
-    std::vector<int8_t> xq(static_cast<size_t>(M) * K), xqp(static_cast<size_t>(M) * K);
-    quantize_activations(xp, M, K, gs, 4, xq.data(), xqp.data(), xd.data(), xdsum.data());
+    std::vector<int8_t> xq(static_cast<size_t>(M) * K);
+    quantize_activations(xp, M, K, gs, 4, xq.data(), nullptr, xd.data(), xdsum.data());
     std::vector<QmmArgs> args;
     std::vector<int> first = {0};  // linear i's tiles are [first[i], first[i + 1]) of one index
     for (const auto& l : ls) {

@@ -72,10 +72,6 @@ def packable(m: nn.Module) -> bool:
             and getattr(m, "mode", "affine") == "affine" and (m["weight"].shape[-1] * 8) % 32 == 0)
 
 
-def is_packed(m: nn.Module) -> bool:
-    return "packed_weight" in m
-
-
 def place_weights(lm: nn.Module, pack: bool = False) -> dict:
     """Move the weights of `lm`'s linear and embedding layers into 2 MB-page arenas, 4-bit ones repacked into tiles
     with `pack` where `tiles()` allows; returns {"bytes": moved, "packed": layers packed, "huge_pages": bool}.

@@ -55,10 +55,10 @@ def dequantized_matmul(x, wq, scales, biases, group_size: int, bits: int) -> mx.
 
 def packed_product(layer, x: mx.array, bias=None) -> mx.array:
     """x @ W.T (+ bias) of a layer packed into tiles (pages.py): always the compiled kernel, in float32."""
-    y = qmm.quantized_matmul(x.astype(mx.float32), layer["packed_weight"], layer["packed_scales"],
-                             layer["packed_biases"], layer.group_size, 4, bias=bias, decode=decoding_active(),
-                             packed_n=layer.packed_n)
-    return y.astype(x.dtype)
+    x32 = x if x.dtype == mx.float32 else x.astype(mx.float32)  # no extra graph node in the common case
+    y = qmm.quantized_matmul(x32, layer["packed_weight"], layer["packed_scales"], layer["packed_biases"],
+                             layer.group_size, 4, bias=bias, decode=decoding_active(), packed_n=layer.packed_n)
+    return y if x.dtype == mx.float32 else y.astype(x.dtype)
 
 
 def packed_rows(layer, ids: mx.array) -> mx.array:
